@@ -1,0 +1,76 @@
+# cvmfs-publisher: the two commands are `make demo` and `make test`.
+# Everything is installed on first use: Debian packages for the local stack, then the project venv (.venv).
+SHELL := /bin/bash
+ROOT := $(abspath .)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := ceph-mon ceph-osd radosgw ceph-common rabbitmq-server rclone
+COLLECTION_LINK := $(ROOT)/.build/collections/ansible_collections/infn_cloud/cvmfs_publisher
+# The test stack lives apart from the demo stack, so both can run side by side.
+TEST_STACK_DIR ?= $(ROOT)/.devstack/test
+TEST_STACK_PORT_BASE ?= 19000
+DEMO_STACK_DIR ?= $(ROOT)/.devstack/demo
+DEMO_STACK_PORT_BASE ?= 18000
+PYTEST_ARGS ?=
+
+export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
+
+.PHONY: all install apt venv collection demo demo-down test test-unit test-integration stack-up stack-down lint clean distclean
+
+all: install
+
+install: apt venv collection
+
+apt: .build/apt.stamp
+.build/apt.stamp:
+	@mkdir -p .build
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements.txt requirements-dev.txt consumer/pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e consumer
+	@touch $@
+
+collection: $(COLLECTION_LINK)
+$(COLLECTION_LINK):
+	@mkdir -p $(dir $@)
+	@ln -sfn $(ROOT) $@
+
+demo: install
+	@DEVSTACK_DIR=$(DEMO_STACK_DIR) DEVSTACK_PORT_BASE=$(DEMO_STACK_PORT_BASE) $(PY) devstack/demo.py
+
+demo-down:
+	@DEVSTACK_DIR=$(DEMO_STACK_DIR) DEVSTACK_PORT_BASE=$(DEMO_STACK_PORT_BASE) devstack/stack down
+
+stack-up: install
+	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack up
+
+stack-down:
+	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down
+
+# Every test: unit, the stand-in's own tests, integration and end-to-end against a fresh local stack.
+test: install
+	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down >/dev/null 2>&1 || true
+	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack up
+	@set -o pipefail; rc=0; \
+	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) $(PY) -m pytest $(PYTEST_ARGS) tests || rc=$$?; \
+	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down || true; \
+	exit $$rc
+
+test-unit: install
+	$(PY) -m pytest tests/unit devstack/tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf .build tests/output .pytest_cache
+
+distclean: clean
+	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/stack down
+	-DEVSTACK_DIR=$(DEMO_STACK_DIR) devstack/stack down
+	rm -rf .venv .devstack
