@@ -1,0 +1,74 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""The base class of every module in this collection.
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+
+Modules stay thin: they declare options, call into one module_utils file per external system, and report.
+Errors from those files are ``PublisherError`` subclasses whose message is already fit for an operator;
+``PublisherModule.run`` turns them into ``fail_json`` so no module repeats that dance.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+
+class PublisherError(Exception):
+    """An error whose message says what failed and what to check; ``details`` go into the result."""
+
+    def __init__(self, msg, **details):
+        super(PublisherError, self).__init__(msg)
+        self.msg = msg
+        self.details = details
+
+
+def read_secret_file(path, what):
+    """Read a secret from a file (trailing newline stripped); the message names the file, never the content."""
+    try:
+        with open(path, "r") as handle:
+            value = handle.read().strip()
+    except (IOError, OSError) as exc:
+        raise PublisherError("cannot read %s from %s: %s" % (what, path, exc.strerror or exc))
+    if not value:
+        raise PublisherError("%s file %s is empty" % (what, path))
+    return value
+
+
+def secret_option(params, name, what):
+    """The value of option ``name`` or, when unset, the content of ``<name>_file``; None when neither is set."""
+    value = params.get(name)
+    if value:
+        return value
+    path = params.get(name + "_file")
+    if path:
+        return read_secret_file(path, what)
+    return None
+
+
+class PublisherModule(AnsibleModule):
+    """AnsibleModule with the collection's shared option sets merged in and one error path."""
+
+    def __init__(self, argument_spec, option_sets=(), **kwargs):
+        spec = {}
+        for option_set in option_sets:
+            spec.update(option_set)
+        spec.update(argument_spec)
+        kwargs.setdefault("supports_check_mode", True)
+        super(PublisherModule, self).__init__(argument_spec=spec, **kwargs)
+
+    def run(self, func):
+        """Call ``func(self)`` and exit with its result dict; a PublisherError becomes a clear failure."""
+        try:
+            result = func(self)
+        except PublisherError as exc:
+            self.fail_json(msg=exc.msg, **exc.details)
+        except Exception as exc:  # a bug, not an operator error: keep the traceback for -vvv
+            self.fail_json(msg="unexpected error: %s: %s" % (type(exc).__name__, exc),
+                           exception=traceback.format_exc())
+        self.exit_json(**result)
