@@ -1,0 +1,141 @@
+"""The operator's view: provision_repository.yml and remove_repository.yml run with ansible-playbook on the stack."""
+import json
+import re
+import subprocess
+import urllib.error
+import urllib.request
+import base64
+from pathlib import Path
+
+import boto3
+import pytest
+
+from helpers import run_playbook
+
+RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def recap(proc):
+    match = RECAP.search(proc.stdout)
+    assert match, "no PLAY RECAP in output:\n" + proc.stdout[-3000:] + proc.stderr[-2000:]
+    ok, changed, unreachable, failed = map(int, match.groups())
+    return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}
+
+
+def seed_keys(repo_root, stack, fqrn, subject):
+    subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", fqrn, "--subject", subject],
+                   check=True, capture_output=True, text=True, env=_stack_env(stack))
+
+
+def _stack_env(stack):
+    import os
+    env = dict(os.environ)
+    env["DEVSTACK_DIR"] = stack["DEVSTACK_DIR"]
+    return env
+
+
+def vault_keys(stack, subject, fqrn):
+    token = Path(stack["VAULT_TOKEN_FILE"]).read_text().strip()
+    req = urllib.request.Request("%s/v1/%s/data/%s/cvmfs_keys/%s" % (stack["VAULT_ADDR"], stack["VAULT_KV_MOUNT"],
+                                                                   subject, fqrn),
+                                 headers={"X-Vault-Token": token})
+    return json.load(urllib.request.urlopen(req, timeout=10))["data"]["data"]
+
+
+def rabbit_queue(stack, name):
+    password = Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()
+    auth = base64.b64encode(("%s:%s" % (stack["AMQP_USER"], password)).encode()).decode()
+    req = urllib.request.Request("%s/api/queues/%%2F/%s" % (stack["RABBITMQ_API_URL"], name),
+                                 headers={"Authorization": "Basic " + auth})
+    try:
+        return json.load(urllib.request.urlopen(req, timeout=10))
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def clients(stack):
+    kw = dict(endpoint_url=stack["RGW_ENDPOINT"], region_name=stack["RGW_REGION"],
+              aws_access_key_id=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+              aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip())
+    return boto3.client("s3", **kw), boto3.client("sns", **kw)
+
+
+@pytest.fixture
+def repository(stack, repo_root, unique_name, s3):
+    fqrn = "%s.infn.it" % unique_name
+    subject = "sub-" + unique_name
+    seed_keys(repo_root, stack, fqrn, subject)
+    s3.create_bucket(Bucket=unique_name)
+    return {"fqrn": fqrn, "short": unique_name, "subject": subject}
+
+
+def test_provision_twice_then_remove_leaves_nothing(stack, repository):
+    fqrn, short = repository["fqrn"], repository["short"]
+    extra = {"cvmfs_repository": fqrn, "cvmfs_subject": repository["subject"]}
+
+    first = run_playbook("provision_repository.yml", extra)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    assert recap(first)["changed"] >= 5
+
+    second = run_playbook("provision_repository.yml", extra)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert recap(second)["changed"] == 0, second.stdout[-4000:]
+
+    check = run_playbook("provision_repository.yml", extra, check=True, diff=True)
+    assert check.returncode == 0 and recap(check)["changed"] == 0, check.stdout[-4000:]
+
+    root = Path(stack["CVMFS_STANDIN_ROOT"])
+    keys = root / "etc/cvmfs/keys"
+    assert {p.name for p in keys.glob(fqrn + ".*")} == {fqrn + ".crt", fqrn + ".pub", fqrn + ".gw"}
+    assert (keys / (fqrn + ".gw")).stat().st_mode & 0o777 == 0o400
+    assert (root / "etc/cvmfs/repositories.d" / fqrn / "server.conf").is_file()
+    queue = rabbit_queue(stack, short)
+    assert queue and queue["arguments"].get("x-queue-type") == "quorum"
+    s3, sns = clients(stack)
+    arns = [t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].endswith(":" + short)]
+    assert arns
+    ids = [c["Id"] for c in s3.get_bucket_notification_configuration(Bucket=short).get("TopicConfigurations", [])]
+    assert ids == ["cvmfs-publisher"]
+
+    removed = run_playbook("remove_repository.yml", {"cvmfs_repository": fqrn})
+    assert removed.returncode == 0, removed.stdout[-4000:] + removed.stderr[-2000:]
+    assert not list(keys.glob(fqrn + ".*"))
+    assert not (root / "etc/cvmfs/repositories.d" / fqrn).exists()
+    assert rabbit_queue(stack, short) is None
+    assert not [t for t in sns.list_topics()["Topics"] if t["TopicArn"].endswith(":" + short)]
+    assert not s3.get_bucket_notification_configuration(Bucket=short).get("TopicConfigurations")
+
+    again = run_playbook("remove_repository.yml", {"cvmfs_repository": fqrn})
+    assert again.returncode == 0 and recap(again)["changed"] == 0, again.stdout[-4000:]
+
+
+def test_provision_at_vvv_never_shows_key_material(stack, repository):
+    fqrn = repository["fqrn"]
+    secrets = vault_keys(stack, repository["subject"], fqrn)
+    proc = run_playbook("provision_repository.yml",
+                        {"cvmfs_repository": fqrn, "cvmfs_subject": repository["subject"]}, diff=True, verbosity=3)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    output = proc.stdout + proc.stderr
+    assert "vault_repository_keys" in output  # the module really ran at this verbosity
+    for field, value in secrets.items():
+        for line in value.strip().splitlines():
+            line = line.strip()
+            if len(line) >= 16 and not line.startswith("-----"):
+                assert line not in output, "key material from %s leaked into -vvv output" % field
+    secret_id = Path(stack["VAULT_SECRET_ID_FILE"]).read_text().strip()
+    assert secret_id not in output
+
+
+def test_provision_rejects_invalid_repository_name(stack):
+    proc = run_playbook("provision_repository.yml", {"cvmfs_repository": "-bad.infn.it", "cvmfs_subject": "x"})
+    assert proc.returncode != 0
+    assert "invalid repository name" in proc.stdout
+
+
+def test_provision_without_keys_in_vault_fails_clearly(stack, unique_name):
+    fqrn = "%s.infn.it" % unique_name
+    proc = run_playbook("provision_repository.yml", {"cvmfs_repository": fqrn, "cvmfs_subject": "nobody"})
+    assert proc.returncode != 0
+    assert "no keys for %s" % fqrn in proc.stdout, proc.stdout[-3000:]
