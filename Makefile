@@ -60,12 +60,12 @@ test: install
 	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down >/dev/null 2>&1 || true
 	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack up
 	@set -o pipefail; rc=0; \
-	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) $(PY) -m pytest $(PYTEST_ARGS) tests || rc=$$?; \
+	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down || true; \
 	exit $$rc
 
 test-unit: install
-	$(PY) -m pytest tests/unit devstack/tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit devstack/tests consumer/tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf .build tests/output .pytest_cache
