@@ -1,0 +1,419 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""The CVMFS side of a gateway publisher host: ``cvmfs_server`` commands, repository configuration, key files.
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+
+Every path the real tool uses is taken under ``cvmfs_root`` (empty in production), so the same code drives the
+real ``cvmfs_server`` and the local stand-in. The repository's state is read from its files
+(``repositories.d/<fqrn>/server.conf``, the spool's ``in_transaction.lock``), never guessed from messages:
+the tool's exit codes and files are its contract, its wording is not.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import grp
+import hashlib
+import os
+import pwd
+import re
+import shlex
+import stat
+import subprocess
+import tempfile
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
+
+# Options shared by the modules that run cvmfs_server (documented in doc_fragments/cvmfs.py).
+CVMFS_ARGSPEC = dict(
+    cvmfs_server_bin=dict(type="str", default="cvmfs_server"),
+    cvmfs_root=dict(type="str", default=""),
+)
+# The keys folder option (doc_fragments/cvmfs.py KEYS); an actual path, never prefixed by cvmfs_root.
+KEYS_DIR_ARGSPEC = dict(keys_dir=dict(type="path", no_log=False))
+
+DEFAULT_KEYS_DIR = "/etc/cvmfs/keys"
+DEFAULT_TXN_DIR = "/srv/cvmfs/{fqrn}/data/txn"
+
+# cvmfs_publish exit codes (cvmfs/publish/cmd_transaction.cc), kept so callers can tell them apart.
+RC_NOT_FOUND = 1
+RC_LEASE_PARENT_MISSING = 2
+RC_LEASE_BUSY = 16
+RC_ALREADY_IN_TRANSACTION = 17
+RC_NOT_IN_TRANSACTION = 22
+
+# A gateway publisher needs exactly these three files; the modes are the ones `mkfs -k` gives them.
+KEY_FILES = (
+    # (suffix, Vault field, mode)
+    ("crt", "certificateKey", 0o444),
+    ("pub", "publicKey", 0o444),
+    ("gw", "gatewayKey", 0o400),
+)
+
+STDERR_TAIL_LINES = 20
+
+
+class CvmfsError(PublisherError):
+    """A CVMFS-side failure (configuration, keys, paths)."""
+
+
+class CvmfsCommandError(CvmfsError):
+    """``cvmfs_server`` exited non-zero; ``rc`` is its exit code (see the RC_* constants)."""
+
+    def __init__(self, command, rc, stdout, stderr):
+        self.command = command
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr
+        shown = display_command(command)
+        tail = stderr_tail(stderr) or stderr_tail(stdout)
+        super(CvmfsCommandError, self).__init__(
+            "%s failed with exit code %s%s" % (shown, rc, (": " + tail) if tail else " (no output)"),
+            command=shown, rc=rc, stderr=tail)
+
+
+class RepositoryMismatch(CvmfsError):
+    """The repository exists but was created with other settings; it is never recreated behind an operator's back."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def rooted(root, path):
+    """``path`` (absolute, as the real tool sees it) under the stand-in ``root``; ``path`` itself when root is empty."""
+    if not root:
+        return path
+    return os.path.join(root, path.lstrip("/"))
+
+
+def upstream_storage(txn_dir, gateway_url):
+    """The ``-u`` argument (and ``CVMFS_UPSTREAM_STORAGE``) of a gateway repository."""
+    for what, value in (("txn_dir", txn_dir), ("gateway_url", gateway_url)):
+        if not value or "," in value:
+            raise CvmfsError("%s %r must be non-empty and contain no comma (it is a field of -u gw,<txn_dir>,"
+                             "<gateway_url>)" % (what, value))
+    return "gw,%s,%s" % (txn_dir, gateway_url)
+
+
+def default_txn_dir(fqrn):
+    return DEFAULT_TXN_DIR.format(fqrn=fqrn)
+
+
+def parse_server_conf(text):
+    """The KEY=value assignments of a shell configuration file (server.conf) as a dict.
+
+    Handles comments, blank lines, ``export``, single and double quotes and trailing comments the way a
+    shell would for these plain assignments; lines that are not assignments are ignored.
+    """
+    values = {}
+    for line in text.splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # unbalanced quote: not a line cvmfs_server writes; skip rather than guess
+            continue
+        if words and words[0] == "export":
+            words = words[1:]
+        if len(words) != 1 or "=" not in words[0]:
+            continue
+        key, value = words[0].split("=", 1)
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            values[key] = value
+    return values
+
+
+def parse_list_output(text):
+    """``cvmfs_server list`` lines ``<fqrn> (stratum0 / gw - in transaction)`` as dicts."""
+    repositories = []
+    for line in text.splitlines():
+        match = re.match(r"^\s*(\S+)\s+\(([^)]*)\)", line)
+        if not match:
+            continue
+        fields = [part.strip() for part in match.group(2).split(" - ")]
+        kinds = [part.strip() for part in fields[0].split("/")]
+        repositories.append(dict(
+            name=match.group(1),
+            type=kinds[0],
+            upstream_type=kinds[1] if len(kinds) > 1 else None,
+            in_transaction="in transaction" in fields[1:],
+            flags=fields[1:],
+        ))
+    return repositories
+
+
+def display_command(argv):
+    """A command line fit for a message: quoted, and with any user:password in URLs hidden."""
+    return " ".join(shlex.quote(re.sub(r"(://)[^/@\s]+@", r"\1***@", arg)) for arg in argv)
+
+
+def stderr_tail(text, lines=STDERR_TAIL_LINES):
+    text = (text or "").strip()
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def repository_mismatches(config, stratum0_url, upstream):
+    """The differences between an existing repository's server.conf values and the wanted ones, as messages."""
+    problems = []
+    for key, wanted in (("CVMFS_STRATUM0", stratum0_url), ("CVMFS_UPSTREAM_STORAGE", upstream)):
+        actual = config.get(key)
+        if actual != wanted:
+            problems.append("%s is %r, wanted %r" % (key, actual, wanted))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cvmfs_server and the files it keeps
+
+
+def _run_subprocess(argv):
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class CvmfsServer:
+    """The ``cvmfs_server`` commands a gateway publisher uses, and the repository files they leave behind.
+
+    Commands return ``(rc, stdout, stderr)`` on success and raise ``CvmfsCommandError`` (with ``.rc``) otherwise.
+    ``runner(argv) -> (rc, stdout, stderr)`` is injectable so tests and callers with their own process
+    handling (e.g. AnsibleModule.run_command) can drive it.
+    """
+
+    def __init__(self, binary="cvmfs_server", root="", runner=None):
+        self.binary = binary or "cvmfs_server"
+        self.root = root or ""
+        self.runner = runner or _run_subprocess
+
+    @classmethod
+    def from_params(cls, params, runner=None):
+        return cls(params.get("cvmfs_server_bin"), params.get("cvmfs_root"), runner)
+
+    # -- paths -------------------------------------------------------------------------------------------------
+    def path(self, real_path):
+        return rooted(self.root, real_path)
+
+    def config_dir(self, fqrn):
+        return self.path("/etc/cvmfs/repositories.d/%s" % fqrn)
+
+    def server_conf(self, fqrn):
+        return os.path.join(self.config_dir(fqrn), "server.conf")
+
+    def spool_dir(self, fqrn):
+        return self.path("/var/spool/cvmfs/%s" % fqrn)
+
+    def union_dir(self, fqrn):
+        """Where files are written during a transaction (``/cvmfs/<fqrn>``)."""
+        return self.path("/cvmfs/%s" % fqrn)
+
+    def default_keys_dir(self):
+        return self.path(DEFAULT_KEYS_DIR)
+
+    # -- state from files ----------------------------------------------------------------------------------------
+    def read_config(self, fqrn):
+        """The repository's server.conf as a dict, or None when the repository does not exist."""
+        path = self.server_conf(fqrn)
+        try:
+            with open(path, "r") as handle:
+                return parse_server_conf(handle.read())
+        except FileNotFoundError:
+            if os.path.isdir(self.config_dir(fqrn)):
+                raise CvmfsError("repository %s is half-created: %s exists without server.conf; remove it with "
+                                 "'cvmfs_server rmfs -f %s' and run again" % (fqrn, self.config_dir(fqrn), fqrn))
+            return None
+        except (IOError, OSError) as exc:
+            raise CvmfsError("cannot read %s: %s" % (path, exc.strerror or exc))
+
+    def in_transaction(self, fqrn):
+        return os.path.exists(os.path.join(self.spool_dir(fqrn), "in_transaction.lock"))
+
+    def repository_facts(self, fqrn):
+        config = self.read_config(fqrn)
+        if config is None:
+            return dict(name=fqrn, exists=False, stratum0=None, upstream=None, owner=None, in_transaction=False)
+        return dict(name=fqrn, exists=True, stratum0=config.get("CVMFS_STRATUM0"),
+                    upstream=config.get("CVMFS_UPSTREAM_STORAGE"), owner=config.get("CVMFS_USER"),
+                    in_transaction=self.in_transaction(fqrn))
+
+    # -- commands ------------------------------------------------------------------------------------------------
+    def run(self, *args):
+        argv = [self.binary] + [str(arg) for arg in args]
+        try:
+            rc, stdout, stderr = self.runner(argv)
+        except OSError as exc:
+            raise CvmfsError("cannot run %s: %s (set cvmfs_server_bin to the cvmfs_server executable)"
+                             % (self.binary, exc.strerror or exc))
+        if rc != 0:
+            raise CvmfsCommandError(argv, rc, stdout, stderr)
+        return rc, stdout, stderr
+
+    def mkfs(self, fqrn, stratum0_url, upstream, keys_dir, owner):
+        return self.run("mkfs", "-w", stratum0_url, "-u", upstream, "-k", keys_dir, "-o", owner, fqrn)
+
+    def rmfs(self, fqrn, keep_keys=False):
+        return self.run("rmfs", "-f", *(["-p"] if keep_keys else []) + [fqrn])
+
+    def transaction(self, fqrn, retry_timeout=None, subpath=None):
+        """Open a transaction (a gateway lease on ``subpath`` when given); ``retry_timeout`` seconds of retries
+        while the lease is busy (``-t``; 0 = forever). Raises CvmfsCommandError rc 17/16/2/1 (RC_*)."""
+        target = fqrn if not subpath else "%s/%s" % (fqrn, subpath.strip("/"))
+        args = ["transaction"]
+        if retry_timeout is not None:
+            args += ["-t", int(retry_timeout)]
+        return self.run(*(args + [target]))
+
+    def publish(self, fqrn):
+        return self.run("publish", fqrn)
+
+    def abort(self, fqrn):
+        """Discard the open transaction without prompting (``abort -f``); rc 22 when none is open."""
+        return self.run("abort", "-f", fqrn)
+
+    def ingest(self, fqrn, tar, base_dir, delete_path=None):
+        """Ingest a tarball (a path, or ``-`` for stdin) under ``base_dir`` in its own transaction;
+        ``delete_path`` is removed first in the same revision."""
+        args = ["ingest", "-t", tar, "-b", base_dir]
+        if delete_path:
+            args += ["-d", delete_path]
+        return self.run(*(args + [fqrn]))
+
+    def list(self):
+        """The repositories of this host as dicts (name, type, upstream_type, in_transaction, flags)."""
+        return parse_list_output(self.run("list")[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key files: <keys_dir>/<fqrn>.{crt,pub,gw}
+
+
+def key_file_paths(keys_dir, fqrn):
+    return [os.path.join(keys_dir, "%s.%s" % (fqrn, suffix)) for suffix, _field, _mode in KEY_FILES]
+
+
+def missing_key_files(keys_dir, fqrn):
+    return [path for path in key_file_paths(keys_dir, fqrn) if not os.path.isfile(path)]
+
+
+def fingerprint(data):
+    """What a diff may show of key material: its sha256, never the bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _resolve_id(value, lookup, what):
+    """A numeric id for a user or group given by name or number; None when unset."""
+    if value is None or value == "":
+        return None
+    if str(value).isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise CvmfsError("%s %r is not a %s on this host" % (what, value, "user" if what == "owner" else what))
+
+
+def resolve_uid(owner):
+    return _resolve_id(owner, lambda name: pwd.getpwnam(name).pw_uid, "owner")
+
+
+def resolve_gid(group):
+    return _resolve_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _read_existing(path):
+    """(stat, bytes) of an existing file, None when absent; errors name the file only."""
+    try:
+        info = os.lstat(path)
+        with open(path, "rb") as handle:
+            return info, handle.read()
+    except FileNotFoundError:
+        return None
+    except (IOError, OSError) as exc:
+        raise CvmfsError("cannot read key file %s: %s" % (path, exc.strerror or exc))
+
+
+def plan_key_file(path, data, mode, uid=None, gid=None):
+    """Compare a key file with what it should be: dict(path, mode, changes, before, after) without key bytes."""
+    existing = _read_existing(path)
+    wanted_mode = "%04o" % mode
+    after = dict(exists=True, mode=wanted_mode, sha256=fingerprint(data))
+    if existing is None:
+        return dict(path=path, mode=wanted_mode, changes=["created"], before=dict(exists=False), after=after)
+    info, current = existing
+    current_mode = "%04o" % stat.S_IMODE(info.st_mode)
+    changes = []
+    if not stat.S_ISREG(info.st_mode):
+        raise CvmfsError("key file %s is not a regular file; remove it and run again" % path)
+    if current != data:
+        changes.append("content changed")
+    if current_mode != wanted_mode:
+        changes.append("mode %s -> %s" % (current_mode, wanted_mode))
+    if uid is not None and info.st_uid != uid:
+        changes.append("owner uid %d -> %d" % (info.st_uid, uid))
+    if gid is not None and info.st_gid != gid:
+        changes.append("group gid %d -> %d" % (info.st_gid, gid))
+    before = dict(exists=True, mode=current_mode, sha256=fingerprint(current))
+    return dict(path=path, mode=wanted_mode, changes=changes, before=before, after=after)
+
+
+def write_file_atomically(path, data, mode, uid=None, gid=None):
+    """Replace ``path`` with ``data``: a temporary file in the same folder, mode and owner set before any byte
+    is written (a secret is never readable by others, even briefly), then a rename."""
+    folder = os.path.dirname(path)
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
+    try:
+        os.fchmod(fd, mode)
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        with os.fdopen(fd, "wb") as handle:
+            fd = None
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temp_path, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
+        raise
+
+
+def apply_key_file(plan, data, mode, uid=None, gid=None):
+    """Carry out a plan from plan_key_file: rewrite the content when it differs, else fix mode/owner in place."""
+    try:
+        if "created" in plan["changes"] or "content changed" in plan["changes"]:
+            write_file_atomically(plan["path"], data, mode, uid, gid)
+        elif plan["changes"]:
+            os.chmod(plan["path"], mode)
+            if uid is not None or gid is not None:
+                os.chown(plan["path"], -1 if uid is None else uid, -1 if gid is None else gid)
+    except (IOError, OSError) as exc:
+        raise CvmfsError("cannot write key file %s: %s" % (plan["path"], exc.strerror or exc))
+
+
+def ensure_directory(path, check_mode):
+    """Create the keys folder (0755) when missing; True when it was (or would be) created."""
+    if os.path.isdir(path):
+        return False
+    if os.path.exists(path):
+        raise CvmfsError("keys_dir %s exists and is not a directory" % path)
+    if not check_mode:
+        try:
+            os.makedirs(path, 0o755)
+        except (IOError, OSError) as exc:
+            raise CvmfsError("cannot create keys_dir %s: %s" % (path, exc.strerror or exc))
+    return True
+
+
+def remove_file(path, check_mode):
+    """Remove ``path``; True when it existed."""
+    if not os.path.lexists(path):
+        return False
+    if not check_mode:
+        try:
+            os.unlink(path)
+        except (IOError, OSError) as exc:
+            raise CvmfsError("cannot remove %s: %s" % (path, exc.strerror or exc))
+    return True

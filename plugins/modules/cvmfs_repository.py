@@ -1,0 +1,236 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: cvmfs_repository
+short_description: Create or remove a CVMFS repository on a gateway publisher
+version_added: 0.1.0
+description:
+  - Creates a CVMFS repository in gateway mode with
+    C(cvmfs_server mkfs -w <stratum0_url> -u gw,<txn_dir>,<gateway_url> -k <keys_dir> -o <owner> <fqrn>), or removes
+    it with C(cvmfs_server rmfs -f [-p] <fqrn>).
+  - Whether the repository exists, and with which settings, is read from its configuration
+    C(/etc/cvmfs/repositories.d/<fqrn>/server.conf) (values C(CVMFS_STRATUM0) and C(CVMFS_UPSTREAM_STORAGE)), not from
+    the tool's messages.
+  - An existing repository created with another Stratum-0 URL or upstream is never recreated (that would drop its
+    local state); the module fails and names both values.
+  - The keys C(<fqrn>.crt), C(<fqrn>.pub) and C(<fqrn>.gw) must be in O(keys_dir) before the repository is created;
+    M(infn_cloud.cvmfs_publisher.vault_repository_keys) installs them.
+author:
+  - cvmfs-publisher developers
+extends_documentation_fragment:
+  - infn_cloud.cvmfs_publisher.cvmfs
+  - infn_cloud.cvmfs_publisher.cvmfs.keys
+attributes:
+  check_mode:
+    support: full
+    description: Reads the repository's configuration and reports whether it would be created or removed.
+  diff_mode:
+    support: full
+    description: Before and after of C(exists), C(stratum0) and C(upstream).
+  action_group:
+    support: full
+    membership:
+      - infn_cloud.cvmfs_publisher.cvmfs
+      - infn_cloud.cvmfs_publisher.all
+options:
+  name:
+    description:
+      - Fully qualified name of the repository, for example C(alice.infn.it).
+    type: str
+    required: true
+    aliases: [fqrn, repository]
+  state:
+    description:
+      - Whether the repository should exist.
+    type: str
+    choices: [present, absent]
+    default: present
+  stratum0_url:
+    description:
+      - The full URL of this repository on the Stratum-0 (passed to C(mkfs -w)), for example
+        C(https://stratum0.example.org/cvmfs/alice.infn.it). The playbooks build it as C(<base>/<fqrn>).
+      - Required with O(state=present).
+    type: str
+  gateway_url:
+    description:
+      - The repository gateway API URL, the third field of the upstream, for example
+        C(https://gateway.example.org:4929/api/v1).
+      - Required with O(state=present).
+    type: str
+  txn_dir:
+    description:
+      - Local folder for the transaction's temporary files, the second field of the upstream.
+      - Defaults to C(/srv/cvmfs/<fqrn>/data/txn).
+    type: str
+  owner:
+    description:
+      - User that owns the repository (C(mkfs -o)); publishing runs as this user.
+      - Defaults to the user running the module.
+    type: str
+  keep_keys:
+    description:
+      - With O(state=absent), keep the key files in O(keys_dir) (C(rmfs -p)). By default C(cvmfs_server) deletes them.
+    type: bool
+    default: false
+notes:
+  - Changing the Stratum-0 URL or the upstream of an existing repository is not supported; remove the repository
+    first (O(state=absent)) if that is really wanted.
+seealso:
+  - module: infn_cloud.cvmfs_publisher.vault_repository_keys
+  - name: CernVM-FS repository gateway and publishers
+    link: https://cvmfs.readthedocs.io/en/stable/cpt-repository-gateway.html
+  - name: cvmfs_server mkfs and rmfs
+    link: https://cvmfs.readthedocs.io/en/stable/cpt-repo.html
+"""
+
+EXAMPLES = r"""
+- name: Create alice.infn.it as a gateway publisher
+  infn_cloud.cvmfs_publisher.cvmfs_repository:
+    name: alice.infn.it
+    stratum0_url: https://stratum0.example.org/cvmfs/alice.infn.it
+    gateway_url: https://gateway.example.org:4929/api/v1
+    owner: cvmfs
+
+- name: Remove it but keep its keys
+  infn_cloud.cvmfs_publisher.cvmfs_repository:
+    name: alice.infn.it
+    state: absent
+    keep_keys: true
+"""
+
+RETURN = r"""
+repository:
+  description: The repository after the run (in check mode, as predicted).
+  returned: always
+  type: dict
+  contains:
+    name:
+      description: Fully qualified name.
+      type: str
+      sample: alice.infn.it
+    exists:
+      description: Whether the repository exists.
+      type: bool
+    stratum0:
+      description: C(CVMFS_STRATUM0) from server.conf.
+      type: str
+      sample: https://stratum0.example.org/cvmfs/alice.infn.it
+    upstream:
+      description: C(CVMFS_UPSTREAM_STORAGE) from server.conf.
+      type: str
+      sample: gw,/srv/cvmfs/alice.infn.it/data/txn,https://gateway.example.org:4929/api/v1
+    owner:
+      description: C(CVMFS_USER) from server.conf.
+      type: str
+      sample: cvmfs
+    in_transaction:
+      description: Whether a transaction is open (the spool holds C(in_transaction.lock)).
+      type: bool
+command:
+  description: The C(cvmfs_server) command that was run (or would be, in check mode).
+  returned: when changed
+  type: str
+  sample: cvmfs_server rmfs -f alice.infn.it
+"""
+
+import pwd
+import os
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
+    PublisherError,
+    PublisherModule,
+)
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import InvalidName, validate_fqrn
+
+DIFF_KEYS = ("exists", "stratum0", "upstream")
+
+
+def ensure_present(module, server, fqrn):
+    params = module.params
+    stratum0 = params["stratum0_url"]
+    upstream = cvmfs.upstream_storage(params["txn_dir"] or cvmfs.default_txn_dir(fqrn), params["gateway_url"])
+    before = server.repository_facts(fqrn)
+    if before["exists"]:
+        problems = cvmfs.repository_mismatches(
+            {"CVMFS_STRATUM0": before["stratum0"], "CVMFS_UPSTREAM_STORAGE": before["upstream"]}, stratum0, upstream)
+        if problems:
+            raise cvmfs.RepositoryMismatch(
+                "repository %s exists with other settings (%s); it is not recreated: remove it first if that is "
+                "intended" % (fqrn, "; ".join(problems)), repository=before)
+        return dict(changed=False, repository=before), before, before
+    keys_dir = params["keys_dir"] or server.default_keys_dir()
+    owner = params["owner"] or pwd.getpwuid(os.geteuid()).pw_name
+    argv = ["mkfs", "-w", stratum0, "-u", upstream, "-k", keys_dir, "-o", owner, fqrn]
+    predicted = dict(before, exists=True, stratum0=stratum0, upstream=upstream, owner=owner, in_transaction=False)
+    result = dict(changed=True, command=cvmfs.display_command([server.binary] + argv))
+    if module.check_mode:
+        return dict(result, repository=predicted), before, predicted
+    missing = cvmfs.missing_key_files(keys_dir, fqrn)
+    if missing:
+        raise cvmfs.CvmfsError("cannot create %s: key file%s %s missing (install the keys first, e.g. with "
+                               "infn_cloud.cvmfs_publisher.vault_repository_keys)"
+                               % (fqrn, "s" if len(missing) > 1 else "", ", ".join(missing)))
+    server.mkfs(fqrn, stratum0, upstream, keys_dir, owner)
+    after = server.repository_facts(fqrn)
+    if not after["exists"]:
+        raise cvmfs.CvmfsError("%s succeeded but %s does not exist" % (result["command"], server.server_conf(fqrn)))
+    return dict(result, repository=after), before, after
+
+
+def ensure_absent(module, server, fqrn):
+    before = server.repository_facts(fqrn)
+    absent = dict(name=fqrn, exists=False, stratum0=None, upstream=None, owner=None, in_transaction=False)
+    if not before["exists"]:
+        return dict(changed=False, repository=before), before, before
+    argv = ["rmfs", "-f"] + (["-p"] if module.params["keep_keys"] else []) + [fqrn]
+    result = dict(changed=True, command=cvmfs.display_command([server.binary] + argv))
+    if not module.check_mode:
+        server.rmfs(fqrn, keep_keys=module.params["keep_keys"])
+        absent = server.repository_facts(fqrn)
+        if absent["exists"]:
+            raise cvmfs.CvmfsError("%s succeeded but %s still exists" % (result["command"], server.server_conf(fqrn)))
+    return dict(result, repository=absent), before, absent
+
+
+def main():
+    module = PublisherModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True, aliases=["fqrn", "repository"]),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            stratum0_url=dict(type="str"),
+            gateway_url=dict(type="str"),
+            txn_dir=dict(type="str"),
+            owner=dict(type="str"),
+            keep_keys=dict(type="bool", default=False, no_log=False),
+        ),
+        option_sets=(cvmfs.CVMFS_ARGSPEC, cvmfs.KEYS_DIR_ARGSPEC),
+        required_if=[["state", "present", ["stratum0_url", "gateway_url"]]],
+    )
+
+    def run(module):
+        try:
+            fqrn = validate_fqrn(module.params["name"])
+        except InvalidName as exc:
+            raise PublisherError(str(exc))
+        server = cvmfs.CvmfsServer.from_params(module.params, runner=lambda argv: module.run_command(argv, handle_exceptions=False, expand_user_and_vars=False))
+        ensure = ensure_present if module.params["state"] == "present" else ensure_absent
+        result, before, after = ensure(module, server, fqrn)
+        if module._diff:
+            result["diff"] = dict(before=dict((k, before[k]) for k in DIFF_KEYS),
+                                  after=dict((k, after[k]) for k in DIFF_KEYS))
+        return result
+
+    module.run(run)
+
+
+if __name__ == "__main__":
+    main()
