@@ -178,7 +178,8 @@ class Change:
 class Plan:
     """The differences between what was published (state) and the bucket, after refusing what must not go in."""
 
-    def __init__(self):
+    def __init__(self, prefix=""):
+        self.prefix = prefix
         self.changes = []
         self.unchanged = 0
         self.refused = []  # [{"key": ..., "reason": ...}]
@@ -211,7 +212,7 @@ def plan(old_state, observations, prefix, tarballs, complete):
     ``complete`` says it covers the whole prefix, so state keys it does not mention were deleted (full mode).
     Duplicates and order do not matter: the last observation of a key wins, and every one reads real state.
     """
-    result = Plan()
+    result = Plan(prefix)
     seen = set()
     pending = {}
     for obs in observations:

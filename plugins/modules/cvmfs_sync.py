@@ -1,0 +1,256 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: cvmfs_sync
+short_description: Mirror an S3 bucket prefix into a CVMFS repository, atomically
+version_added: 0.1.0
+description:
+  - Makes C(/cvmfs/<repository>) hold exactly what C(s3://<bucket>/<prefix>) holds: object C(<prefix><path>)
+    becomes file C(/cvmfs/<repository>/<path>); folders are kept, folders emptied by deletions are removed.
+  - Tarballs (C(.tar), C(.tar.gz), C(.tgz)) are published with C(cvmfs_server ingest) into a folder named after
+    the tarball without its extension, replacing that folder's previous content in the same revision; deleting
+    the tarball object removes the folder. O(tarballs=false) publishes them as plain files.
+  - New and changed objects are downloaded in parallel into a staging folder first; only then is a transaction
+    opened, the changes applied locally and published. Plain files and deletions are published in one
+    transaction; then each tarball with its own C(cvmfs_server ingest) (which opens its own transaction). Every
+    step is atomic: a failure aborts it (C(abort -f)) and leaves what was published before intact.
+  - What was published is remembered per repository in a state file (object key, ETag, size), written only
+    after a successful publish. Without a trustworthy state file (first run, lost, corrupt, or a crash between
+    publishing and recording) the module compares the whole bucket with the published files (size, and MD5 for
+    single-part uploads), so a lost state costs a re-check, never a wrong repository.
+  - Keys that would escape the repository or that CVMFS reserves are refused and reported, never applied:
+    C(..), C(.) or empty segments, control characters, a top-level C(.cvmfs), overlay whiteouts C(.wh.*),
+    C(.cvmfsautocatalog), keys outside O(prefix), and paths that clash with another object (a file where a
+    folder is needed). A tarball with a member that would land outside its folder (C(..), absolute paths,
+    links pointing out, device files) is refused as a whole.
+author:
+  - cvmfs-publisher developers
+extends_documentation_fragment:
+  - infn_cloud.cvmfs_publisher.rgw
+  - infn_cloud.cvmfs_publisher.cvmfs
+attributes:
+  check_mode:
+    support: full
+    description: Lists (or reads the touched keys), plans and reports what would be added, updated, deleted and
+      refused; downloads nothing and changes nothing.
+  diff_mode:
+    support: full
+    description: One line per path, C(+) added, C(~) updated, C(-) deleted (up to O(max_reported_paths) each).
+  action_group:
+    support: full
+    membership:
+      - infn_cloud.cvmfs_publisher.rgw
+      - infn_cloud.cvmfs_publisher.cvmfs
+      - infn_cloud.cvmfs_publisher.all
+options:
+  repository:
+    description:
+      - Fully qualified name of the repository, for example C(alice.infn.it). It must exist on this publisher.
+    type: str
+    required: true
+    aliases: [fqrn, name]
+  bucket:
+    description:
+      - The bucket to mirror. Defaults to the repository's short name (C(alice) for C(alice.infn.it)).
+    type: str
+  prefix:
+    description:
+      - Only objects under this prefix are published, with the prefix removed from their path.
+    type: str
+    default: cvmfs/
+  mode:
+    description:
+      - V(full) lists the whole prefix and applies every difference, deletions included.
+      - V(changes) reconciles only O(keys) with the bucket's current state (an object that exists is ensured, one
+        that is gone is removed), so the order and duplicates of the events that named them do not matter.
+        Without a trustworthy state file it does a V(full) run instead.
+    type: str
+    choices: [changes, full]
+    default: full
+  keys:
+    description:
+      - With O(mode=changes), the object keys that events touched (full keys, prefix included).
+    type: list
+    elements: str
+    default: []
+  tarballs:
+    description:
+      - Whether C(.tar), C(.tar.gz) and C(.tgz) objects are ingested as folders (V(true)) or published as files.
+    type: bool
+    default: true
+  concurrency:
+    description:
+      - Parallel downloads (and HeadObject requests).
+    type: int
+    default: 16
+  state_dir:
+    description:
+      - Folder of the state files, one C(<repository>.json) per repository.
+      - Defaults to C(/var/lib/cvmfs-publisher/state) under O(cvmfs_root).
+    type: path
+  staging_dir:
+    description:
+      - Folder where objects are downloaded before the transaction opens; a private sub-folder per run is
+        removed at the end. It needs room for the run's new and changed objects.
+      - Defaults to C(/var/spool/cvmfs-publisher/staging) under O(cvmfs_root).
+    type: path
+  abort_stale_transaction:
+    description:
+      - A transaction already open when the module starts (left by a crash) is aborted with C(abort -f) first.
+        With V(false) the module fails instead.
+    type: bool
+    default: true
+  transaction_retries:
+    description:
+      - How many times opening a transaction (or an ingest) is retried, with jittered exponential backoff, when
+        C(cvmfs_server) exits with 16 (gateway lease busy) or 17 (already in a transaction).
+    type: int
+    default: 5
+  max_reported_paths:
+    description:
+      - At most this many paths per list (added, updated, deleted, refused) in the result and the diff.
+    type: int
+    default: 100
+notes:
+  - The state file and the staging folder must not be shared by two publishers of the same repository; run one
+    sync per repository at a time (the consumer does).
+  - With a real repository gateway, C(cvmfs_server ingest) refuses to delete and add in the same call
+    ("Could not delete and add a file in the same transaction while using gateway"), so replacing an already
+    published tarball needs a CernVM-FS release without that restriction; adding and removing tarballs works.
+seealso:
+  - name: CernVM-FS ingest
+    link: https://cvmfs.readthedocs.io/en/stable/cpt-repo.html#ingesting-tarballs
+"""
+
+EXAMPLES = r"""
+- name: Full mirror of s3://alice/cvmfs/ into /cvmfs/alice.infn.it
+  infn_cloud.cvmfs_publisher.cvmfs_sync:
+    repository: alice.infn.it
+    endpoint_url: https://rgw.example.org
+    access_key_file: /etc/cvmfs-publisher/rgw_access_key
+    secret_key_file: /etc/cvmfs-publisher/rgw_secret_key
+
+- name: Apply what two events touched
+  infn_cloud.cvmfs_publisher.cvmfs_sync:
+    repository: alice.infn.it
+    mode: changes
+    keys:
+      - cvmfs/sw/v2/bin/tool
+      - cvmfs/sw/v1.tar.gz
+    endpoint_url: https://rgw.example.org
+    access_key_file: /etc/cvmfs-publisher/rgw_access_key
+    secret_key_file: /etc/cvmfs-publisher/rgw_secret_key
+"""
+
+RETURN = r"""
+mode:
+  description: The mode actually run (V(full) when V(changes) was asked without a trustworthy state).
+  returned: always
+  type: str
+state_rebuilt:
+  description: Why the state file was not trusted and the published tree was re-checked instead.
+  returned: when the state file was missing or not trusted
+  type: str
+added:
+  description: Objects added to the repository (predicted in check mode).
+  returned: always
+  type: int
+updated:
+  description: Objects whose file or tarball folder was replaced.
+  returned: always
+  type: int
+deleted:
+  description: Objects whose file or tarball folder was removed.
+  returned: always
+  type: int
+unchanged:
+  description: Objects already published as they are in the bucket.
+  returned: always
+  type: int
+refused:
+  description: Objects refused (never applied).
+  returned: always
+  type: int
+refused_objects:
+  description: The refused objects with the reason, up to O(max_reported_paths).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"key": "cvmfs/../etc/passwd", "reason": "key has a '..' path segment"}]
+paths:
+  description: Repository paths added, updated and deleted, up to O(max_reported_paths) each.
+  returned: always
+  type: dict
+  sample: {"added": ["sw/v1/bin/tool"], "updated": [], "deleted": []}
+bytes_downloaded:
+  description: Bytes downloaded into staging.
+  returned: always
+  type: int
+objects_downloaded:
+  description: Objects downloaded into staging.
+  returned: always
+  type: int
+revision:
+  description: The last revision this run published; null when nothing was published (or the tool did not say).
+  returned: always
+  type: int
+revisions:
+  description: Every revision this run published (the plain-file transaction, then one per tarball ingest).
+  returned: always
+  type: list
+  elements: int
+stale_transaction_aborted:
+  description: Whether a transaction left open was found at start and aborted (or would be, in check mode).
+  returned: always
+  type: bool
+durations:
+  description: Seconds spent planning (listing or HeadObject, comparing), downloading, and with transactions
+    open (apply, publish, ingests).
+  returned: always
+  type: dict
+  sample: {"plan": 0.41, "download": 3.2, "transaction": 0.8}
+"""
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw as rgw
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync as sync
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+
+
+def diff_of(result):
+    lines = []
+    for op, sign in (("added", "+"), ("updated", "~"), ("deleted", "-")):
+        lines.extend("%s /%s" % (sign, path) for path in result["paths"][op])
+    return dict(before_header=result["repository"], after_header=result["repository"],
+                prepared="\n".join(lines) + ("\n" if lines else ""))
+
+
+def main():
+    module = PublisherModule(
+        argument_spec=sync.SYNC_ARGSPEC,
+        option_sets=(rgw.RGW_ARGUMENT_SPEC, cvmfs.CVMFS_ARGSPEC),
+        mutually_exclusive=rgw.RGW_MUTUALLY_EXCLUSIVE,
+    )
+
+    def run(module):
+        server = cvmfs.CvmfsServer.from_params(
+            module.params,
+            runner=lambda argv: module.run_command(argv, handle_exceptions=False, expand_user_and_vars=False))
+        result = sync.sync(module.params, check_mode=module.check_mode, server=server)
+        if module._diff:
+            result["diff"] = diff_of(result)
+        return result
+
+    module.run(run)
+
+
+if __name__ == "__main__":
+    main()
