@@ -1,0 +1,102 @@
+"""``cvmfs-publisher run | status | check-config`` (exit 2 on a bad configuration)."""
+import argparse
+import datetime
+import json
+import logging
+import sys
+
+from . import logs
+from .config import ConfigError, listed, load
+from .status import StatusFile
+
+EXIT_CONFIG = 2
+
+
+def _when(timestamp) -> str:
+    if not timestamp:
+        return "never"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_check_config(config, _args) -> int:
+    print("configuration %s is valid" % config.path)
+    for line in listed(config.as_dict()):
+        print("  " + line)
+    return 0
+
+
+def cmd_run(config, _args) -> int:
+    from .daemon import Daemon, known_secrets  # pika, ansible-runner: only for the commands that need them
+    logs.setup(config["log.level"], secrets=known_secrets(config))
+    try:
+        return Daemon(config).run()
+    except ConfigError as exc:
+        logging.getLogger("cvmfs_publisher").error("%s", exc, extra=logs.fields(event="config_error"))
+        return EXIT_CONFIG
+
+
+def cmd_status(config, args) -> int:
+    from . import amqp
+    from .daemon import discover_repositories, queue_depths
+    status = StatusFile.read(config["state_dir"]) or {}
+    known = status.get("repositories", {})
+    repositories = sorted(set(known) | set(discover_repositories(config["repositories.config_dir"]).values()))
+    queues = [config["queues.publisher"], config["queues.dead_letter"]] + [r.split(".", 1)[0] for r in repositories]
+    rc = 0
+    try:
+        depths = queue_depths(config, queues)
+    except amqp.CONNECTION_ERRORS as exc:
+        print("cannot reach RabbitMQ at %s:%s (%s): queue depths unknown" % (
+            config["amqp.host"], config["amqp.port"], type(exc).__name__), file=sys.stderr)
+        depths, rc = {}, 1
+    rows = []
+    for fqrn in repositories:
+        entry = known.get(fqrn, {})
+        rows.append({"repository": fqrn, "queue_depth": depths.get(fqrn.split(".", 1)[0]),
+                     "last_publish": entry.get("last_publish"), "last_error": entry.get("last_error"),
+                     "last_error_at": entry.get("last_error_at")})
+    if args.json:
+        print(json.dumps({"daemon": {k: status.get(k) for k in ("pid", "updated", "connected", "runs_in_progress")},
+                          "queues": {q: depths.get(q) for q in queues[:2]}, "repositories": rows}, indent=1))
+        return rc
+    print("daemon: pid %s, %s, status written %s" % (status.get("pid", "?"),
+                                                    "connected" if status.get("connected") else "not connected",
+                                                    _when(status.get("updated"))))
+    for name in queues[:2]:
+        print("queue %s: %s waiting" % (name, "?" if depths.get(name) is None else depths[name]))
+    print("%-40s %8s  %-21s %s" % ("REPOSITORY", "QUEUED", "LAST PUBLISH", "LAST ERROR"))
+    for row in rows:
+        depth = "?" if row["queue_depth"] is None else row["queue_depth"]
+        error = ("%s (%s)" % (row["last_error"], _when(row["last_error_at"]))) if row["last_error"] else "-"
+        print("%-40s %8s  %-21s %s" % (row["repository"], depth, _when(row["last_publish"]), error))
+    return rc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cvmfs-publisher", description="Publish S3 buckets into CVMFS repositories, "
+                                "driven by RabbitMQ events, through ansible-runner.")
+    p.add_argument("-c", "--config", help="configuration file (default: $CVMFS_PUBLISHER_CONFIG or "
+                   "/etc/cvmfs-publisher/config.yml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon (logs JSON lines to stdout; stops on SIGTERM)")
+    status = sub.add_parser("status", help="per repository: queue depth, last publish, last error")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("check-config", help="validate the configuration and print it")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "check-config": cmd_check_config}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print("cvmfs-publisher: invalid configuration: %s" % exc, file=sys.stderr)
+        return EXIT_CONFIG
+    return COMMANDS[args.command](config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The daemon: queues in, ansible-runner runs out, every message settled only when its work is done.
+
+Threads: the main thread is the I/O thread (pika BlockingConnection, the scheduler, acks, the status file);
+a pool of ``sync.max_parallel`` workers runs playbooks and hands results back through ``self._results``.
+Nothing but the I/O thread touches the broker or the scheduler, so neither needs a lock.
+"""
+import logging
+import os
+import queue
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Dict, Optional, Set
+
+from . import amqp
+from .batching import CHANGES, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
+from .config import Config, read_secret
+from .logs import fields
+from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys, validate_fqrn
+from .metrics import Metrics
+from .runner import PlaybookRunner, RunResult, secret_values
+from .status import StatusFile
+
+log = logging.getLogger("cvmfs_publisher")
+
+LOOP_SECONDS = 0.1        # longest wait before a finished run is settled (the workers also wake the loop)
+PUBLISHER = "publisher"   # metrics label of the provisioning queue
+REPOSITORY = "repository"
+
+
+def discover_repositories(config_dir: str) -> Dict[str, str]:
+    """short name -> fqrn of the repositories provisioned on this host (``repositories.d`` entries)."""
+    found = {}
+    try:
+        names = sorted(os.listdir(config_dir))
+    except OSError as exc:
+        log.warning("cannot list repositories in %s: %s", config_dir, exc.strerror,
+                    extra=fields(event="discovery_failed"))
+        return found
+    for name in names:
+        if not os.path.isdir(os.path.join(config_dir, name)):
+            continue
+        try:
+            found[short_name(validate_fqrn(name))] = name
+        except MessageError as exc:
+            log.warning("skipping %s: %s", name, exc, extra=fields(event="discovery_skipped"))
+    return found
+
+
+def known_secrets(config: Config):
+    """Every secret the daemon can know of, to scrub from logs and kept runs: never logged themselves."""
+    return [read_secret(config["amqp.password_file"])] + secret_values(config["ansible.extravars_files"])
+
+
+class Daemon:
+    def __init__(self, config: Config, broker: amqp.Broker = None, runner: PlaybookRunner = None,
+                 metrics: Metrics = None, clock=time.time):
+        self.config = config
+        self.clock = clock
+        state_dir = config["state_dir"]
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        password = read_secret(config["amqp.password_file"])
+        self.broker = broker or amqp.Broker(amqp.connection_parameters(config.section("amqp"), password),
+                                            config["queues.dead_letter"])
+        self.runner = runner or PlaybookRunner(config.section("ansible"), state_dir, secrets=known_secrets(config))
+        self.metrics = metrics or Metrics()
+        self.status = StatusFile(state_dir, clock=clock)
+        self.scheduler = Scheduler(config["sync.max_parallel"], config["sync.full_reconcile_interval"])
+        self.retry = RetryPolicy(config["sync.max_attempts"], config["sync.retry_initial_delay"],
+                                 config["sync.retry_max_delay"])
+        self.repositories: Dict[str, str] = {}   # short name (queue, bucket) -> fqrn
+        self._missing_queues: Set[str] = set()
+        self._sac_checked: Set[str] = set()
+        self._pool = ThreadPoolExecutor(config["sync.max_parallel"], thread_name_prefix="run")
+        self._results: "queue.Queue" = queue.Queue()
+        self._in_flight = 0
+        self._next_rescan = 0.0
+        self.stopping = False
+        self._cancel_runs = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def request_stop(self, signum=None, _frame=None):
+        if not self.stopping:
+            log.info("stopping", extra=fields(event="stopping", signal=signum))
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        if self.config["metrics.port"]:
+            self.metrics.serve(self.config["metrics.address"], self.config["metrics.port"])
+        log.info("starting", extra=fields(event="starting", pid=os.getpid(), config=self.config.path))
+        delays = None
+        while not self.stopping:
+            try:
+                self._connect()
+                delays = None
+                self._serve()
+            except amqp.CONNECTION_ERRORS as exc:
+                self._disconnected(exc)
+                if self.stopping:
+                    break
+                delays = delays or reconnect_delays(self.config["amqp.reconnect_initial_delay"],
+                                                    self.config["amqp.reconnect_max_delay"])
+                self._wait(next(delays))
+        self._shutdown()
+        return 0
+
+    def _connect(self):
+        self.broker.connect()
+        self.metrics.connected.set(1)
+        log.info("connected to RabbitMQ", extra=fields(event="connected", host=self.config["amqp.host"],
+                                                       port=self.config["amqp.port"]))
+        problem = self.broker.ensure_queue(self.config["queues.publisher"])
+        if problem:
+            log.warning("provisioning queue exists with other arguments: %s", problem,
+                        extra=fields(event="queue_arguments", queue=self.config["queues.publisher"]))
+        self.broker.consume(self.config["queues.publisher"], self.config["queues.publisher_prefetch"],
+                            self._on_provision_message)
+        self._next_rescan = 0.0
+        self._rescan()
+        self._save_status()
+
+    def _disconnected(self, exc):
+        self.metrics.connected.set(0)
+        log.warning("RabbitMQ connection lost: %s", exc or type(exc).__name__,
+                    extra=fields(event="disconnected", error_type=type(exc).__name__))
+        self.broker.close()
+        # Unsettled messages come back from the broker on the next connection; running batches go on, and
+        # their messages will simply be redelivered (a sync run is idempotent).
+        self.scheduler.drain()
+        self._save_status()
+
+    def _wait(self, seconds: float):
+        """Sleep between reconnects while still settling the runs that finish meanwhile."""
+        log.info("reconnecting in %.1fs", seconds, extra=fields(event="reconnect_wait", delay=round(seconds, 2)))
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            self._settle_finished(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _serve(self):
+        while not self.stopping:
+            self.broker.process(LOOP_SECONDS)
+            self.metrics.tick()
+            self._settle_finished()
+            self._start_ready()
+            self._rescan()
+
+    def _shutdown(self):
+        """Stop consuming, let running runs finish for ``shutdown_grace`` seconds, then cancel them; every
+        message not acked by then goes back to its queue."""
+        try:
+            if self.broker.is_open:
+                self.broker.stop_consuming()
+                for message in self.scheduler.drain():
+                    self.broker.requeue(message.ref)
+        except amqp.CONNECTION_ERRORS as exc:
+            self._disconnected(exc)
+        deadline = time.monotonic() + self.config["shutdown_grace"]
+        while self._in_flight and time.monotonic() < deadline:
+            self._pump()
+        if self._in_flight:
+            log.warning("cancelling %d run(s) still going after %.0fs", self._in_flight,
+                        self.config["shutdown_grace"], extra=fields(event="cancel_runs"))
+            self._cancel_runs = True
+            while self._in_flight:
+                self._pump()
+        self._pool.shutdown(wait=True)
+        self.broker.close()
+        self.metrics.connected.set(0)
+        self._save_status()
+        log.info("stopped", extra=fields(event="stopped"))
+
+    def _pump(self):
+        """One turn of the shutdown loop: keep the connection alive and settle what finished."""
+        if not self.broker.is_open:
+            self._settle_finished(timeout=LOOP_SECONDS)
+            return
+        try:
+            self.broker.process(LOOP_SECONDS)
+            self._settle_finished()
+        except amqp.CONNECTION_ERRORS as exc:
+            self._disconnected(exc)
+
+    # -- repositories ---------------------------------------------------------------------------------------
+
+    def _rescan(self):
+        """Pick up repositories provisioned on this host (also by hand) and queues that were missing."""
+        now = time.monotonic()
+        if now < self._next_rescan:
+            return
+        interval = self.config["repositories.rescan_interval"]
+        self._next_rescan = now + interval if interval else float("inf")
+        for short, fqrn in discover_repositories(self.config["repositories.config_dir"]).items():
+            self._subscribe(short, fqrn)
+        self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
+
+    def _subscribe(self, short: str, fqrn: str):
+        self.repositories[short] = fqrn
+        self.scheduler.track(fqrn, self.clock())
+        if self.broker.consuming(short):
+            return
+        if not self.broker.consume(short, self.config["queues.sync_prefetch"], partial(self._on_sync_message, fqrn)):
+            if short not in self._missing_queues:
+                log.warning("queue %s of repository %s does not exist; will look again", short, fqrn,
+                            extra=fields(event="queue_missing", repository=fqrn, queue=short))
+            self._missing_queues.add(short)
+            return
+        self._missing_queues.discard(short)
+        log.info("consuming %s", short, extra=fields(event="consuming", repository=fqrn, queue=short))
+        if short not in self._sac_checked:
+            self._sac_checked.add(short)
+            problem = self.broker.single_active_consumer_problem(short)
+            if problem:
+                log.warning("queue %s has no single-active-consumer: two daemons could run two syncs of %s at "
+                            "once (%s)", short, fqrn, problem,
+                            extra=fields(event="no_single_active_consumer", repository=fqrn, queue=short))
+
+    # -- messages (I/O thread) ------------------------------------------------------------------------------
+
+    def _on_provision_message(self, delivery: amqp.Delivery):
+        self.metrics.received.labels(PUBLISHER).inc()
+        try:
+            request = parse_provision(delivery.body, self.config["repositories.domain"])
+        except MessageError as exc:
+            self._reject(delivery, PUBLISHER, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 -- no input may crash the daemon
+            self._reject(delivery, PUBLISHER, "unexpected error reading the message: %s" % type(exc).__name__)
+            log.exception("unexpected error reading a provisioning message")
+            return
+        log.info("provisioning request for %s", request.repository,
+                 extra=fields(event="provision_request", repository=request.repository, form=request.form,
+                              kind="personal" if request.subject else "group"))
+        self.scheduler.add(request.repository, self._pending(delivery, PROVISION, request=request))
+
+    def _on_sync_message(self, fqrn: str, delivery: amqp.Delivery):
+        self.metrics.received.labels(REPOSITORY).inc()
+        try:
+            events = parse_s3_event(delivery.body)
+            touches = touched_keys(events, bucket=delivery.queue, prefix=self.config["repositories.prefix"],
+                                   known_buckets=set(self.repositories))
+        except MessageError as exc:
+            self._reject(delivery, REPOSITORY, str(exc), repository=fqrn)
+            return
+        except Exception as exc:  # noqa: BLE001 -- no input may crash the daemon
+            self._reject(delivery, REPOSITORY, "unexpected error reading the event: %s" % type(exc).__name__,
+                         repository=fqrn)
+            log.exception("unexpected error reading an event")
+            return
+        for reason in touches.ignored:
+            self.metrics.ignored.inc()
+            log.info("event record ignored: %s", reason, extra=fields(event="ignored", repository=fqrn))
+        if not touches.keys:
+            if self.broker.ack(delivery):
+                self.metrics.acked.labels(REPOSITORY).inc()
+            return
+        self.scheduler.add(fqrn, self._pending(delivery, CHANGES, keys=touches.keys))
+
+    @staticmethod
+    def _pending(delivery, kind, **what) -> Pending:
+        return Pending(ref=delivery, kind=kind, attempts=amqp.attempts_of(delivery.properties),
+                       not_before=amqp.not_before_of(delivery.properties), **what)
+
+    def _reject(self, delivery: amqp.Delivery, label: str, reason: str, repository: str = ""):
+        """A message that can never succeed: straight to the dead-letter queue."""
+        log.warning("dead-lettering a message from %s: %s", delivery.queue, reason,
+                    extra=fields(event="dead_letter", queue=delivery.queue, repository=repository, reason=reason))
+        if self.broker.dead_letter(delivery, reason, amqp.attempts_of(delivery.properties)):
+            self.metrics.dead_lettered.labels(label, "malformed").inc()
+
+    # -- runs -----------------------------------------------------------------------------------------------
+
+    def _start_ready(self):
+        if self.stopping:
+            return
+        for batch in self.scheduler.take_ready(self.clock()):
+            self._in_flight += 1
+            self.metrics.runs_in_progress.inc()
+            self.metrics.batch_size.labels(batch.mode).observe(batch.size)
+            log.info("run started: %s %s", batch.mode, batch.lane,
+                     extra=fields(event="run_started", repository=batch.lane, mode=batch.mode,
+                                  messages=len(batch.messages), keys=len(batch.keys)))
+            self._pool.submit(self._execute, batch)
+
+    def _execute(self, batch: Batch):
+        """Worker thread: run the playbook, hand the result to the I/O thread."""
+        if batch.mode == PROVISION:
+            playbook, extravars = "provision_playbook", batch.request.extravars()
+        else:
+            playbook = "sync_playbook"
+            extravars = {"cvmfs_repository": batch.lane, "cvmfs_sync_mode": batch.mode}
+            if batch.mode == CHANGES:
+                extravars["cvmfs_sync_keys"] = batch.keys
+        label = "%s-%s" % (batch.mode, short_name(batch.lane))
+        try:
+            result = self.runner.run(playbook, extravars, label, cancel=lambda: self._cancel_runs)
+        except Exception as exc:  # noqa: BLE001 -- a worker must always report back
+            log.exception("run crashed")
+            result = RunResult(playbook=playbook, outcome="error", rc=None, duration=0.0,
+                               error="run crashed: %s" % type(exc).__name__)
+        self._results.put((batch, result))
+        self.broker.wake(lambda: None)
+
+    def _settle_finished(self, timeout: float = 0.0):
+        while True:
+            try:
+                batch, result = self._results.get(timeout=timeout) if timeout else self._results.get_nowait()
+            except queue.Empty:
+                return
+            timeout = 0.0
+            self._in_flight -= 1
+            self.metrics.runs_in_progress.dec()
+            self._settle(batch, result)
+
+    def _settle(self, batch: Batch, result: RunResult):
+        now = self.clock()
+        self.scheduler.finished(batch, result.ok, now)
+        self.metrics.runs.labels(result.playbook, result.outcome).inc()
+        self.metrics.run_duration.labels(result.playbook).observe(result.duration)
+        label = PUBLISHER if batch.mode == PROVISION else REPOSITORY
+        log_fields = dict(repository=batch.lane, mode=batch.mode, outcome=result.outcome, messages=len(batch.messages),
+                          keys=len(batch.keys), duration=round(result.duration, 3))
+        if result.ok:
+            log.info("run succeeded: %s %s", batch.mode, batch.lane, extra=fields(event="run_succeeded", **log_fields))
+            self._acknowledge(batch, label)
+            if batch.mode == PROVISION:
+                self.status.provisioned(batch.lane)
+                if self.broker.is_open:
+                    self._subscribe(short_name(batch.lane), batch.lane)
+            else:
+                self.status.published(batch.lane, batch.mode, len(batch.keys))
+                self.metrics.last_publish.labels(batch.lane).set(now)
+        else:
+            log.error("run failed: %s %s: %s", batch.mode, batch.lane, result.error,
+                      extra=fields(event="run_failed", error=result.error, kept=result.kept, **log_fields))
+            self.status.failed(batch.lane, result.error)
+            self._retry_or_dead_letter(batch, result, label, now)
+        self._save_status()
+
+    def _acknowledge(self, batch: Batch, label: str):
+        for message in batch.messages:
+            if self.broker.ack(message.ref):
+                self.metrics.acked.labels(label).inc()
+
+    def _retry_or_dead_letter(self, batch: Batch, result: RunResult, label: str, now: float):
+        if self._cancel_runs:
+            for message in batch.messages:
+                self.broker.requeue(message.ref)  # interrupted by shutdown: not a failure of the message
+            return
+        for message in batch.messages:
+            decision = self.retry.after_failure(message, now)
+            if decision.action == "dead-letter":
+                reason = "%s run failed %d times; last error: %s" % (batch.mode, decision.attempts, result.error)
+                if self.broker.dead_letter(message.ref, reason, decision.attempts):
+                    self.metrics.dead_lettered.labels(label, "failed").inc()
+            elif self.broker.retry_later(message.ref, decision.attempts, decision.not_before):
+                self.metrics.retried.labels(label).inc()
+
+    def _save_status(self):
+        try:
+            self.status.save(connected=self.broker.is_open, consuming=sorted(self.repositories.values()),
+                             missing_queues=sorted(self._missing_queues), runs_in_progress=self._in_flight)
+        except OSError as exc:
+            log.warning("cannot write the status file: %s", exc.strerror, extra=fields(event="status_failed"))
+
+
+def queue_depths(config: Config, queues) -> Dict[str, Optional[int]]:
+    """Ready messages per queue, by passive declares over AMQP (for ``status``)."""
+    broker = amqp.Broker(amqp.connection_parameters(config.section("amqp"), read_secret(config["amqp.password_file"])),
+                         config["queues.dead_letter"])
+    broker.connect(declare_dead_letter=False)
+    try:
+        return {name: broker.queue_exists(name) for name in queues}
+    finally:
+        broker.close()
+

@@ -1,0 +1,235 @@
+"""What the daemon reads from its queues: provisioning requests and S3 object events. Pure: no I/O.
+
+Every problem raises MessageError whose text is the dead-letter reason an operator reads, so it names the
+field and the offending value (values are user input, never secrets).
+
+The consumer does not import the collection (design.md), so the repository name rules are restated here;
+they must agree with plugins/module_utils/_naming.py (the provisioning playbook re-validates anyway).
+"""
+import json
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+from urllib.parse import unquote_plus
+
+FQRN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
+SHORT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9_.@-]{0,127}$")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+MAX_KEY_LENGTH = 1024  # S3's own limit on object keys
+
+
+class MessageError(ValueError):
+    """The message cannot be processed, ever: it goes to the dead-letter queue with this text as reason."""
+
+
+def short_name(fqrn: str) -> str:
+    return fqrn.split(".", 1)[0]
+
+
+def validate_fqrn(fqrn, domain: str = "") -> str:
+    if not isinstance(fqrn, str) or not fqrn:
+        raise MessageError("repository name is missing")
+    if not FQRN_PATTERN.match(fqrn) or "." not in fqrn or ".." in fqrn or fqrn.endswith("."):
+        raise MessageError("invalid repository name %r: expected <name>.<domain> of letters, digits, '-', '_' "
+                           "and '.', at most 60 characters" % fqrn)
+    if not SHORT_NAME_PATTERN.match(short_name(fqrn)):
+        raise MessageError("invalid repository name %r: its short name must be 3-63 lowercase letters, digits "
+                           "or '-' (it is also the bucket and queue name)" % fqrn)
+    if domain and not fqrn.endswith("." + domain):
+        raise MessageError("repository %r is not in this publisher's domain %r" % (fqrn, domain))
+    return fqrn
+
+
+def _segment(value, what) -> str:
+    if not isinstance(value, str) or not SUBJECT_PATTERN.match(value):
+        raise MessageError("invalid %s %r: expected letters, digits, '_', '.', '@' or '-'" % (what, value))
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provisioning requests (the `publisher` queue)
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    repository: str
+    subject: Optional[str] = None   # personal repository: the owner's OIDC subject
+    group: Optional[str] = None     # group repository: the group name
+    owner: str = ""                 # the requesting user (informational)
+    form: str = "json"              # "csv" (original plain text) or "json"
+
+    def extravars(self) -> dict:
+        extravars = {"cvmfs_repository": self.repository}
+        if self.subject:
+            extravars["cvmfs_subject"] = self.subject
+        else:
+            extravars["cvmfs_group"] = self.group
+        return extravars
+
+
+def _decode_text(body: bytes) -> str:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("message is not UTF-8 text") from None
+    if not text.strip():
+        raise MessageError("message is empty")
+    return text.strip()
+
+
+def parse_provision(body: bytes, domain: str = "") -> ProvisionRequest:
+    """The original plain text ``AAIusername,subject,repository_name,P|G`` or versioned JSON."""
+    text = _decode_text(body)
+    if text.startswith("{"):
+        return _parse_provision_json(text, domain)
+    fields = text.split(",")
+    if len(fields) != 4:
+        raise MessageError("plain-text provisioning message must have 4 comma-separated fields "
+                           "AAIusername,subject,repository_name,P|G; got %d" % len(fields))
+    owner, subject, repository, kind = (field.strip() for field in fields)
+    validate_fqrn(repository, domain)
+    if kind == "P":
+        return ProvisionRequest(repository, subject=_segment(subject, "subject"), owner=owner, form="csv")
+    if kind == "G":
+        # The original system stores group keys under groups/<short name>/.
+        return ProvisionRequest(repository, group=_segment(short_name(repository), "group"), owner=owner,
+                                form="csv")
+    raise MessageError("plain-text provisioning message: the 4th field must be P (personal) or G (group), "
+                       "got %r" % kind)
+
+
+def _parse_provision_json(text, domain) -> ProvisionRequest:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise MessageError("provisioning message is not valid JSON: %s" % exc) from None
+    if not isinstance(data, dict):
+        raise MessageError("provisioning message must be a JSON object")
+    if data.get("version") != 1:
+        raise MessageError("provisioning message: unsupported version %r (this daemon reads version 1)"
+                           % data.get("version"))
+    allowed = {"version", "repository", "owner", "subject", "kind", "group"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise MessageError("provisioning message: unknown field %r" % unknown[0])
+    repository = validate_fqrn(data.get("repository"), domain)
+    owner = data.get("owner", "")
+    if not isinstance(owner, str):
+        raise MessageError("provisioning message: owner must be a string")
+    kind = data.get("kind")
+    if kind == "personal":
+        if data.get("group"):
+            raise MessageError("provisioning message: a personal repository has no group")
+        return ProvisionRequest(repository, subject=_segment(data.get("subject"), "subject"), owner=owner)
+    if kind == "group":
+        group = data.get("group") or short_name(repository)
+        return ProvisionRequest(repository, group=_segment(group, "group"), owner=owner)
+    raise MessageError("provisioning message: kind must be 'personal' or 'group', got %r" % kind)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S3 object events (the repositories' queues)
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    bucket: str
+    key: str          # decoded object key
+    name: str         # event name without the "s3:" prefix, e.g. ObjectCreated:Put
+    size: int = 0
+
+
+def parse_s3_event(body: bytes) -> List[ObjectEvent]:
+    """RGW's ``{"Records":[…]}`` (raw keys, numeric sizes, no ``s3:`` prefix) and AWS's form
+    (``s3:`` prefix, URL-encoded keys with '+' for space, sizes as strings). An AWS ``s3:TestEvent`` gives []."""
+    text = _decode_text(body)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise MessageError("event is not valid JSON: %s" % exc) from None
+    if not isinstance(data, dict):
+        raise MessageError("event must be a JSON object with a Records list")
+    if data.get("Event") == "s3:TestEvent":
+        return []
+    records = data.get("Records")
+    if not isinstance(records, list) or not records:
+        raise MessageError("event has no Records list")
+    return [_parse_record(index, record) for index, record in enumerate(records)]
+
+
+def _parse_record(index, record) -> ObjectEvent:
+    where = "Records[%d]" % index
+    if not isinstance(record, dict):
+        raise MessageError("%s: expected an object" % where)
+    name = record.get("eventName")
+    if not isinstance(name, str) or not name:
+        raise MessageError("%s: eventName missing" % where)
+    aws_form = name.startswith("s3:")
+    name = name[3:] if aws_form else name
+    s3 = record.get("s3")
+    bucket = s3.get("bucket") if isinstance(s3, dict) else None
+    obj = s3.get("object") if isinstance(s3, dict) else None
+    if not isinstance(bucket, dict) or not isinstance(bucket.get("name"), str) or not bucket["name"]:
+        raise MessageError("%s: s3.bucket.name missing" % where)
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not obj["key"]:
+        raise MessageError("%s: s3.object.key missing" % where)
+    # AWS URL-encodes keys ('+' for space); RGW sends them raw, where '+' and '%' are literal.
+    key = unquote_plus(obj["key"]) if aws_form else obj["key"]
+    size = obj.get("size", 0)
+    try:
+        size = int(size) if size not in (None, "") else 0
+    except (TypeError, ValueError):
+        raise MessageError("%s: s3.object.size %r is not a number" % (where, size)) from None
+    return ObjectEvent(bucket=bucket["name"], key=key, name=name, size=size)
+
+
+def check_key(key: str, prefix: str) -> str:
+    """The key's path inside the repository; MessageError if it could escape the repository or is reserved."""
+    if len(key) > MAX_KEY_LENGTH:
+        raise MessageError("object key longer than %d characters" % MAX_KEY_LENGTH)
+    if CONTROL_CHARACTERS.search(key):
+        raise MessageError("object key %r contains control characters" % key)
+    relative = key[len(prefix):]
+    if relative.startswith("/"):
+        raise MessageError("object key %r: absolute path after the prefix %r" % (key, prefix))
+    segments = relative.rstrip("/").split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise MessageError("object key %r: empty, '.' or '..' path segment" % key)
+    if segments[0] == ".cvmfs":
+        raise MessageError("object key %r: .cvmfs at the top of a repository is reserved" % key)
+    if any(segment.startswith(".wh.") for segment in segments):
+        raise MessageError("object key %r: overlay whiteout names (.wh.*) are reserved" % key)
+    return relative
+
+
+@dataclass(frozen=True)
+class Touches:
+    """What one event message means for its repository."""
+    keys: Tuple[str, ...]             # object keys to bring in line with the bucket
+    ignored: Tuple[str, ...]          # why records were skipped (for the log)
+
+
+def touched_keys(events: List[ObjectEvent], bucket: str, prefix: str, known_buckets=()) -> Touches:
+    """Keep the records that concern ``bucket`` under ``prefix``.
+
+    A record of another repository's bucket (misrouted) or outside the prefix is skipped and reported;
+    a bucket that is no repository's at all, or a hostile key, makes the whole message a MessageError.
+    """
+    keys, ignored = [], []
+    for event in events:
+        if event.bucket != bucket:
+            if event.bucket not in known_buckets:
+                raise MessageError("event for unknown bucket %r on the queue of bucket %r" % (event.bucket, bucket))
+            ignored.append("event for bucket %r, not %r" % (event.bucket, bucket))
+            continue
+        if not event.key.startswith(prefix):
+            ignored.append("key %r outside the prefix %r" % (event.key, prefix))
+            continue
+        if event.key == prefix:
+            ignored.append("key %r is the prefix itself" % event.key)
+            continue
+        if not (event.name.startswith("ObjectCreated") or event.name.startswith("ObjectRemoved")):
+            ignored.append("event %r is neither a creation nor a removal" % event.name)
+            continue
+        check_key(event.key, prefix)
+        keys.append(event.key)
+    return Touches(keys=tuple(dict.fromkeys(keys)), ignored=tuple(ignored))

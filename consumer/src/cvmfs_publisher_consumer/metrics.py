@@ -1,0 +1,78 @@
+"""Prometheus metrics and the health endpoint, served on ``metrics.address:metrics.port``.
+
+``/metrics`` is the Prometheus text format; ``/healthz`` answers 200 while the daemon is connected to
+RabbitMQ and its I/O loop is turning, 503 otherwise (for systemd watchdogs, load balancers, Kubernetes probes).
+"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# How long the I/O loop may be silent before /healthz says unhealthy.
+LOOP_STALL_SECONDS = 30.0
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("cvmfs_publisher_events_received", "Messages received", ["queue"], registry=r)
+        self.acked = Counter("cvmfs_publisher_events_acked", "Messages acked after their work was done (or was "
+                             "nothing to do)", ["queue"], registry=r)
+        self.ignored = Counter("cvmfs_publisher_events_ignored", "Event records skipped: another bucket, outside "
+                               "the prefix, not a change", registry=r)
+        self.dead_lettered = Counter("cvmfs_publisher_events_dead_lettered", "Messages sent to the dead-letter "
+                                     "queue", ["queue", "cause"], registry=r)
+        self.retried = Counter("cvmfs_publisher_events_retried", "Messages put back for a later attempt",
+                               ["queue"], registry=r)
+        self.runs = Counter("cvmfs_publisher_runs", "ansible-runner runs", ["playbook", "outcome"], registry=r)
+        self.run_duration = Histogram("cvmfs_publisher_run_duration_seconds", "Duration of ansible-runner runs",
+                                      ["playbook"], registry=r,
+                                      buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600))
+        self.batch_size = Histogram("cvmfs_publisher_batch_size", "Distinct keys per changes run, messages per "
+                                    "other run", ["mode"], registry=r,
+                                    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
+        self.last_publish = Gauge("cvmfs_publisher_last_publish_timestamp_seconds", "Time of the last successful "
+                                  "sync run per repository", ["repository"], registry=r)
+        self.runs_in_progress = Gauge("cvmfs_publisher_runs_in_progress", "Runs executing now", registry=r)
+        self.connected = Gauge("cvmfs_publisher_amqp_connected", "1 while connected to RabbitMQ", registry=r)
+        self.repositories = Gauge("cvmfs_publisher_repositories_consumed", "Repository queues consumed",
+                                  registry=r)
+        self._alive = 0.0
+
+    def tick(self):
+        self._alive = time.monotonic()
+
+    def healthy(self) -> bool:
+        return self.connected._value.get() == 1 and time.monotonic() - self._alive < LOOP_STALL_SECONDS
+
+    def serve(self, address: str, port: int) -> ThreadingHTTPServer:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- http.server's naming
+                if self.path == "/metrics":
+                    self._reply(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                elif self.path == "/healthz":
+                    healthy = metrics.healthy()
+                    body = json.dumps({"status": "ok" if healthy else "unhealthy"}).encode()
+                    self._reply(200 if healthy else 503, "application/json", body)
+                else:
+                    self._reply(404, "text/plain", b"not found\n")
+
+            def _reply(self, code, content_type, body):
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args):  # scrapes are not worth a log line each
+                pass
+
+        server = ThreadingHTTPServer((address, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server

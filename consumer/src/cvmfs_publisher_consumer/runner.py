@@ -1,0 +1,233 @@
+"""One ansible-runner run of a playbook per batch.
+
+Each run gets a fresh private data dir under ``<state_dir>/runs`` that is removed afterwards; the last N failed
+ones are kept for debugging, scrubbed first: ansible-runner's ``command`` artifact records the whole process
+environment, so it is rewritten without it, and any secret the daemon knows is replaced by a marker.
+Extravars hold only names and keys (never secrets); connection settings come from the operator's vars files
+by path (``-e @file``), and those hold only paths to secret files.
+
+The playbook runs under ``guard.py``: if the daemon dies (even ``kill -9``) the whole run dies with it, so a
+restarted or another daemon never meets a leftover run of the same repository.
+"""
+import json
+import logging
+import os
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import ansible_runner
+import yaml
+
+log = logging.getLogger("cvmfs_publisher.runner")
+
+REDACTED = "********"
+MAX_ERROR_LENGTH = 500
+
+
+@dataclass
+class RunResult:
+    playbook: str
+    outcome: str                     # "successful", "failed", "timeout", "canceled", "error"
+    rc: Optional[int]
+    duration: float
+    error: str = ""                  # what failed, for the log and the status file (module messages are secret-free)
+    kept: str = ""                   # where the failed run's files were kept, if they were
+    stats: Dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "successful"
+
+
+def outcome_of(status: str, rc: Optional[int], stats: Optional[Dict]) -> str:
+    """Success needs all three: runner status, exit code 0, and no failed or unreachable host."""
+    if status != "successful":
+        return status or "error"
+    if rc not in (0, None):
+        return "failed"
+    stats = stats or {}
+    if any(stats.get(kind) for kind in ("failures", "dark")):
+        return "failed"
+    return "successful"
+
+
+class _EventErrors:
+    """Collects the first failed task's message from the run's events."""
+
+    def __init__(self):
+        self.error = ""
+
+    def __call__(self, event) -> bool:
+        if not self.error and event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+            data = event.get("event_data") or {}
+            if data.get("ignore_errors"):
+                return True
+            res = data.get("res") or {}
+            message = res.get("msg") or res.get("stderr") or "failed"
+            self.error = "%s: %s" % (data.get("task") or "task", str(message).strip())[:MAX_ERROR_LENGTH]
+        return True  # keep the event on disk too (only kept for failed runs, after scrubbing)
+
+
+def _default_playbook_bin() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+    return beside if os.access(beside, os.X_OK) else (shutil.which("ansible-playbook") or "ansible-playbook")
+
+
+class PlaybookRunner:
+    def __init__(self, settings: Dict, state_dir: str, secrets: Iterable[str] = ()):
+        """``settings`` is the ``ansible`` section of the configuration."""
+        self.settings = settings
+        self.runs_dir = os.path.join(state_dir, "runs")
+        self.failed_dir = os.path.join(state_dir, "failed-runs")
+        self._secrets = [s for s in secrets if s and len(s) >= 4]
+        os.makedirs(self.runs_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.failed_dir, mode=0o700, exist_ok=True)
+        self._guard = self._write_guard(state_dir)
+        self._remove_leftovers()
+
+    def _write_guard(self, state_dir) -> str:
+        """The ``binary`` ansible-runner starts: this Python running guard.py in front of ansible-playbook."""
+        path = os.path.join(state_dir, "ansible-playbook-guard")
+        target = self.settings["playbook_bin"] or _default_playbook_bin()
+        script = "#!%s\nimport sys\nfrom cvmfs_publisher_consumer.guard import main\nsys.exit(main(%r))\n" % (
+            sys.executable, target)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(script)
+        os.chmod(path + ".tmp", stat.S_IRWXU)
+        os.replace(path + ".tmp", path)
+        return path
+
+    def _remove_leftovers(self):
+        """Private data dirs of runs a killed daemon could not clean up."""
+        for name in os.listdir(self.runs_dir):
+            shutil.rmtree(os.path.join(self.runs_dir, name), ignore_errors=True)
+
+    def run(self, playbook_key: str, extravars: Dict, label: str,
+            cancel: Callable[[], bool] = lambda: False) -> RunResult:
+        """Run the playbook named by ``ansible.<playbook_key>`` and wait; never raises for a failed run."""
+        playbook = self.settings[playbook_key]
+        private_dir = tempfile.mkdtemp(prefix="%s-" % label, dir=self.runs_dir)
+        errors = _EventErrors()
+        started = time.monotonic()
+        cmdline = " ".join("-e @%s" % shlex.quote(path) for path in self.settings["extravars_files"])
+        if self.settings["verbosity"]:
+            cmdline += " -" + "v" * self.settings["verbosity"]
+        kwargs = dict(private_data_dir=private_dir, project_dir=self.settings["project_dir"], playbook=playbook,
+                      extravars=extravars, cmdline=cmdline.strip() or None, binary=self._guard,
+                      envvars=dict(self.settings["env"], CVMFS_PUBLISHER_DAEMON_PID=str(os.getpid())),
+                      timeout=self.settings["timeout"], quiet=True, event_handler=errors, cancel_callback=cancel,
+                      settings={"suppress_ansible_output": True})
+        if self.settings["inventory"]:
+            kwargs["inventory"] = self.settings["inventory"]
+        try:
+            result = ansible_runner.run(**kwargs)
+            status, rc, stats = result.status, result.rc, result.stats
+        except Exception as exc:  # noqa: BLE001 -- a broken runner setup must fail the batch, not the daemon
+            status, rc, stats = "error", None, None
+            errors.error = errors.error or "ansible-runner could not run %s: %s" % (playbook, exc)
+        outcome = outcome_of(status, rc, stats)
+        run_result = RunResult(playbook=playbook, outcome=outcome, rc=rc, duration=time.monotonic() - started,
+                               stats=stats or {})
+        if not run_result.ok:
+            run_result.error = self._redact(errors.error or "%s ended %s (rc=%s)" % (playbook, outcome, rc))
+            run_result.kept = self._keep(private_dir)
+        shutil.rmtree(private_dir, ignore_errors=True)
+        return run_result
+
+    # -- failed runs ----------------------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def _keep(self, private_dir: str) -> str:
+        keep = self.settings["keep_failed_runs"]
+        if keep <= 0:
+            return ""
+        target = os.path.join(self.failed_dir, os.path.basename(private_dir))
+        try:
+            shutil.copytree(private_dir, target, symlinks=True)
+            self._scrub(target)
+        except OSError as exc:
+            log.warning("could not keep failed run %s: %s", private_dir, exc)
+            shutil.rmtree(target, ignore_errors=True)
+            return ""
+        self._prune(keep)
+        return target
+
+    def _scrub(self, root: str):
+        """No environment and no known secret in what stays on disk."""
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if name == "command" and os.path.basename(os.path.dirname(folder)) == "artifacts":
+                    self._drop_environment(path)
+                elif name in ("envvars", "passwords", "ssh_key", "env.list"):
+                    os.remove(path)
+                    continue
+                if self._secrets:
+                    self._redact_file(path)
+
+    @staticmethod
+    def _drop_environment(path: str):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            data["env"] = "(removed by cvmfs-publisher: the environment is not kept)"
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(data, handle)
+        except (OSError, ValueError):
+            os.remove(path)
+
+    def _redact_file(self, path: str):
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                text = handle.read()
+        except OSError:
+            return
+        redacted = self._redact(text)
+        if redacted != text:
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                handle.write(redacted)
+
+    def _prune(self, keep: int):
+        kept = sorted((os.path.join(self.failed_dir, name) for name in os.listdir(self.failed_dir)),
+                      key=os.path.getmtime)
+        for path in kept[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def failed_runs(self) -> List[str]:
+        return sorted(os.listdir(self.failed_dir))
+
+
+def secret_values(extravars_files: Iterable[str], extra_paths: Iterable[str] = ()) -> List[str]:
+    """Contents of the secret files the operator's vars files point at (keys ending in ``_file``).
+
+    Read only to scrub them from kept artifacts and error messages, never logged.
+    """
+    paths = list(extra_paths)
+    for vars_file in extravars_files:
+        try:
+            with open(vars_file, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            paths.extend(v for k, v in data.items() if str(k).endswith("_file") and isinstance(v, str))
+    values = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                value = handle.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if value:
+            values.append(value)
+    return values

@@ -1,0 +1,48 @@
+"""The small status file the daemon keeps in its state dir, read by ``cvmfs-publisher status``.
+
+Per repository: last successful publish, last error and when. Written atomically (rename), so a reader never
+sees half a file. Error texts are the runner's redacted summaries: no secrets.
+"""
+import json
+import os
+import time
+from typing import Dict, Optional
+
+FILE_NAME = "status.json"
+
+
+class StatusFile:
+    def __init__(self, state_dir: str, clock=time.time):
+        self.path = os.path.join(state_dir, FILE_NAME)
+        self._clock = clock
+        self.data = self.read(state_dir) or {}
+        self.data.setdefault("repositories", {})
+
+    @staticmethod
+    def read(state_dir: str) -> Optional[Dict]:
+        try:
+            with open(os.path.join(state_dir, FILE_NAME), encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def repository(self, fqrn: str) -> Dict:
+        return self.data["repositories"].setdefault(fqrn, {})
+
+    def published(self, fqrn: str, mode: str, keys: int):
+        entry = self.repository(fqrn)
+        entry.update(last_publish=self._clock(), last_mode=mode, last_keys=keys)
+
+    def failed(self, fqrn: str, error: str):
+        entry = self.repository(fqrn)
+        entry.update(last_error=error, last_error_at=self._clock())
+
+    def provisioned(self, fqrn: str):
+        self.repository(fqrn)["provisioned_at"] = self._clock()
+
+    def save(self, **daemon):
+        self.data.update(daemon, updated=self._clock(), pid=os.getpid())
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.data, handle, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
