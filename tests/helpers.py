@@ -1,0 +1,110 @@
+"""Run the collection as an operator does: real `ansible-playbook` against the local stack's vars file.
+
+    run_playbook("provision_repository.yml", {"cvmfs_repository": fqrn, ...}, check=True, diff=True)
+    rc, result = run_module("infn_cloud.cvmfs_publisher.vault_keys", {...}, check=True, diff=True)
+
+Both pass `-e @$DEVSTACK_DIR/vars.yml` (written by `devstack/stack vars`), so every cvmfs_publisher_* variable
+points at the running stack, and modules can use them in their args as `"{{ cvmfs_publisher_vault_url }}"`.
+"""
+import functools
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+PLAYBOOK_TIMEOUT = 900
+
+
+@functools.lru_cache(maxsize=None)
+def stack_vars_file():
+    """Path of the running stack's vars.yml (`devstack/stack vars` writes it for $DEVSTACK_DIR)."""
+    proc = subprocess.run([str(REPO_ROOT / "devstack" / "stack"), "vars"], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError("cannot get the stack's vars file (%s): run `make stack-up` or `make test`"
+                           % proc.stderr.strip())
+    return proc.stdout.strip()
+
+
+def ansible_env(extra=None):
+    """Environment for ansible commands: the repository's ansible.cfg, the venv first on PATH, no colours."""
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
+        "PATH": "%s%s%s" % (VENV_BIN, os.pathsep, env.get("PATH", "")),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def _resolve_playbook(playbook):
+    """A path, a file name under playbooks/, or a collection playbook FQCN (passed through as is)."""
+    path = Path(playbook)
+    if path.is_absolute() or path.exists():
+        return str(path)
+    in_playbooks = REPO_ROOT / "playbooks" / playbook
+    if in_playbooks.exists():
+        return str(in_playbooks)
+    return playbook
+
+
+def _ansible_flags(check, diff, verbosity):
+    flags = ["--check"] if check else []
+    if diff:
+        flags.append("--diff")
+    if verbosity:
+        flags.append("-" + "v" * verbosity)
+    return flags
+
+
+def run_playbook(playbook, extra_vars, *, check=False, diff=False, verbosity=0, env=None):
+    """Run ansible-playbook with the stack's vars file plus extra_vars; returns the CompletedProcess (text)."""
+    argv = [str(VENV_BIN / "ansible-playbook"), _resolve_playbook(playbook), "-e", "@" + stack_vars_file()]
+    if extra_vars:
+        argv += ["-e", json.dumps(extra_vars)]
+    argv += _ansible_flags(check, diff, verbosity)
+    return subprocess.run(argv, cwd=str(REPO_ROOT), env=ansible_env(env), capture_output=True, text=True,
+                          timeout=PLAYBOOK_TIMEOUT)
+
+
+def run_module(module_fqcn, args, *, check=False, diff=False, verbosity=0):
+    """Run one module on localhost; returns (rc, result) with result the module's full registered result.
+
+    ansible-core has no JSON stdout callback (that one lives in ansible.posix) and the ad-hoc screen output drops
+    `diff` and `invocation` below -vvv, so the module runs in a one-task playbook whose result is registered and
+    written to a file, failed or not. rc is ansible-playbook's (2 when the module failed); the result holds what
+    an operator would see, so no_log masking (`invocation.module_args`) can be asserted on.
+    """
+    with tempfile.TemporaryDirectory(prefix="run_module-") as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        playbook = [{
+            "name": "run %s" % module_fqcn,
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [{
+                "block": [{"name": module_fqcn, module_fqcn: args, "register": "module_result"}],
+                "always": [{
+                    "name": "save the result",
+                    "ansible.builtin.copy": {"content": "{{ module_result | to_json }}", "dest": result_file,
+                                             "mode": "0600"},
+                    "check_mode": False,
+                    "diff": False,
+                }],
+            }],
+        }]
+        playbook_file = os.path.join(tmp, "run_module.yml")
+        with open(playbook_file, "w") as handle:
+            json.dump(playbook, handle)  # JSON is YAML
+        proc = run_playbook(playbook_file, None, check=check, diff=diff, verbosity=verbosity)
+        try:
+            with open(result_file) as handle:
+                return proc.returncode, json.load(handle)
+        except FileNotFoundError:
+            # The task never ran (unknown module, bad arguments, syntax error): report ansible's own words.
+            return proc.returncode, {"failed": True, "msg": "module did not run:\n%s%s"
+                                     % (proc.stdout[-3000:], proc.stderr[-3000:])}
