@@ -46,13 +46,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
-import tarfile
 import time
-import uuid
-import zlib
 
 PROG = "cvmfs_server (stand-in)"
 FQRN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
@@ -60,7 +56,8 @@ GATEWAY_KEY_SUFFIXES = (".crt", ".pub", ".gw")
 ALL_KEY_SUFFIXES = (".masterkey", ".pub", ".key", ".crt", ".gw")
 # A file changed within this window before a scan may keep the same (size, mtime, ctime) after a later write
 # (coarse file-system clocks), so its hash is not cached across runs ("racily clean", as git calls it).
-RACY_WINDOW_NS = 1_000_000_000
+# Tests set CVMFS_STANDIN_RACY_WINDOW_MS=0 to observe the cache deterministically.
+RACY_WINDOW_NS = int(os.environ.get("CVMFS_STANDIN_RACY_WINDOW_MS", "1000")) * 1_000_000
 RETRY_INTERVAL_S = 0.1
 
 # Exit codes of the real tool (cmd_transaction.cc, cmd_abort.cc, shell `die`).
@@ -128,7 +125,7 @@ class Local:
         return Gateway(gateway_dir, self.fqrn)
 
     def publisher(self) -> str:
-        return self.settings().get("publisher") or socket.gethostname()
+        return self.settings().get("publisher") or os.uname().nodename
 
     def load_stat_cache(self) -> dict:
         try:
@@ -194,7 +191,7 @@ class Gateway:
         """Copy a file into the content store while hashing it (one read); returns its sha256."""
         os.makedirs(self.data, exist_ok=True)
         digest = hashlib.sha256()
-        tmp = os.path.join(self.data, f".tmp-{uuid.uuid4().hex}")
+        tmp = os.path.join(self.data, f".tmp-{os.urandom(16).hex()}")
         try:
             with open(path, "rb") as source, open(tmp, "wb") as target:
                 for chunk in iter(lambda: source.read(1 << 20), b""):
@@ -498,7 +495,7 @@ def open_transaction(local: Local, lease_path: str) -> None:
             raise StandinError(
                 f"the gateway lease on {local.fqrn}/{lease_path} is busy: publisher {lease['publisher']} holds "
                 f"{local.fqrn}/{lease['path']} (path_busy)", EXIT_EBUSY)
-    token = uuid.uuid4().hex
+    token = os.urandom(16).hex()
     leases = [lease for lease in gateway.leases() if lease["owner"] != local.spool]
     leases.append({"token": token, "path": lease_path, "owner": local.spool, "publisher": local.publisher(),
                    "since": time.time()})
@@ -594,7 +591,7 @@ def cmd_mkfs(root: str, args) -> int:
         raise StandinError(f"-u {args.upstream!r}: the stand-in only makes gateway publishers (upstream type 'gw')")
     import_keys(local, args.keys)
     gateway = Gateway(default_gateway_dir(local.root), fqrn)
-    publisher = os.environ.get("CVMFS_STANDIN_PUBLISHER") or socket.gethostname()
+    publisher = os.environ.get("CVMFS_STANDIN_PUBLISHER") or os.uname().nodename
     with gateway.locked():
         if local.exists():  # again, under the lock: a concurrent mkfs may have won
             raise StandinError(f"The repository {fqrn} already exists")
@@ -733,6 +730,9 @@ def cmd_abort(root: str, args) -> int:
 
 
 def cmd_ingest(root: str, args) -> int:
+    import tarfile  # only ingest needs it: every other command starts faster without
+    import zlib
+
     local, _ = open_repository(root, args.repository)
     if args.tar_file is None and args.delete is None:
         raise StandinError("ingest needs -t <tar> -b <base dir> and/or -d <path>")
@@ -777,6 +777,8 @@ def cmd_ingest(root: str, args) -> int:
 
 def extract_tar(tar_file: str, union: str, base_dir: str) -> None:
     """Unpack a tar (any compression tarfile detects; '-' is stdin) under base_dir, refusing escaping members."""
+    import tarfile
+
     base_path = os.path.join(union, base_dir) if base_dir else union
     stream = sys.stdin.buffer if tar_file == "-" else None
     # Stream mode reads stdin and files alike, in one pass.
