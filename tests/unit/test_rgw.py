@@ -1,0 +1,422 @@
+"""module_utils/_rgw.py and the rgw_* modules without RGW: pure logic directly, RGW calls through botocore's
+Stubber with answers copied from the real RGW 16.2 of the local stack, and the modules' argument handling."""
+import json
+
+import pytest
+from ansible.module_utils.testing import patch_module_args
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.stub import Stubber
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw as rgw
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_bucket_notification, rgw_topic
+
+ENDPOINT = "http://127.0.0.1:18000"
+ARN = "arn:aws:sns:default::alice"
+# GetTopicAttributes of a real RGW 16.2.15 (CreateTopic with verify-ssl=false, persistent=true, OpaqueData "a=b&c").
+REAL_ENDPOINT_ARGS = (
+    "Attributes.entry.1.key=push-endpoint&Attributes.entry.1.value=amqp://127.0.0.1:22010&"
+    "Attributes.entry.2.key=amqp-exchange&Attributes.entry.2.value=notification&"
+    "Attributes.entry.3.key=amqp-ack-level&Attributes.entry.3.value=broker&"
+    "Attributes.entry.4.key=verify-ssl&Attributes.entry.4.value=false&"
+    "Attributes.entry.5.key=persistent&Attributes.entry.5.value=true&"
+    "Attributes.entry.6.key=OpaqueData&Attributes.entry.6.value=a=b&c&OpaqueData=a=b&c&Version=2010-03-31&"
+    "amqp-ack-level=broker&amqp-exchange=notification&persistent=true&push-endpoint=amqp://127.0.0.1:22010&"
+    "verify-ssl=false")
+REAL_ATTRIBUTES = {
+    "User": "", "Name": "alice", "TopicArn": ARN, "OpaqueData": "a=b&c",
+    "EndPoint": json.dumps({"EndpointAddress": "amqp://127.0.0.1:22010", "EndpointArgs": REAL_ENDPOINT_ARGS,
+                            "EndpointTopic": "alice", "HasStoredSecret": "false", "Persistent": "true"}),
+}
+REAL_TOPIC = dict(push_endpoint="amqp://127.0.0.1:22010", amqp_exchange="notification", amqp_ack_level="broker",
+                  verify_ssl=False, persistent=True, opaque_data="a=b&c")
+
+
+def params(**overrides):
+    base = dict(endpoint_url=ENDPOINT, access_key="AK", access_key_file=None, secret_key="SK", secret_key_file=None,
+                session_token=None, region="default", ca_bundle=None, validate_certs=True, assume_role_arn=None,
+                role_session_name="cvmfs-publisher")
+    base.update(overrides)
+    return base
+
+
+def topic_params(**overrides):
+    base = params(name="alice", state="present", push_endpoint="amqp://127.0.0.1:22010",
+                  amqp_exchange="notification", amqp_ack_level="broker", verify_ssl=False, persistent=True,
+                  opaque_data="a=b&c")
+    base.update(overrides)
+    return base
+
+
+def client_error(code, status, operation="CreateTopic", top_level=False, message=None):
+    """A ClientError as botocore builds it; ``top_level`` is how RGW's SNS errors arrive (code outside Error)."""
+    response = {"ResponseMetadata": {"HTTPStatusCode": status}}
+    if top_level:
+        response.update(Code=code, Message=message, Error={})
+    else:
+        response["Error"] = {"Code": code, "Message": message or ""}
+    return ClientError(response, operation)
+
+
+# -- masking ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, shown", [
+    ("amqps://rgw:s3cr3t@mq.example.org:5671/vh", "amqps://rgw:********@mq.example.org:5671/vh"),
+    ("amqp://rgw@mq:5672", "amqp://rgw@mq:5672"),
+    ("amqp://127.0.0.1:5672", "amqp://127.0.0.1:5672"),
+    ("amqp://u:p@ss@host", "amqp://u:********@host"),
+    ("", ""),
+])
+def test_mask_url_userinfo_hides_only_the_password(url, shown):
+    assert rgw.mask_url_userinfo(url) == shown
+
+
+def test_url_password_and_credentials():
+    assert rgw.url_password("amqps://rgw:s3cr3t@mq:5671") == "s3cr3t"
+    assert rgw.url_password("amqp://mq:5672") is None
+    assert rgw.url_password(None) is None
+    assert rgw.url_has_credentials("amqp://u:p@mq")
+    assert not rgw.url_has_credentials("amqp://mq:5672")
+
+
+# -- topics: parsing RGW's answer and comparing -----------------------------------------------------------------
+
+def test_parse_endpoint_args_keeps_flattened_attributes_only():
+    args = rgw.parse_endpoint_args(REAL_ENDPOINT_ARGS)
+    assert args["amqp-exchange"] == "notification"
+    assert args["verify-ssl"] == "false"
+    assert args["push-endpoint"] == "amqp://127.0.0.1:22010"
+    assert not any(key.startswith("Attributes.") or key == "Version" for key in args)
+
+
+def test_topic_from_real_rgw_attributes():
+    assert rgw.topic_from_attributes(REAL_ATTRIBUTES) == REAL_TOPIC
+
+
+def test_topic_from_attributes_applies_rgw_defaults():
+    attributes = {"EndPoint": json.dumps({"EndpointAddress": "amqp://mq:5672",
+                                          "EndpointArgs": "Version=2010-03-31&amqp-exchange=notification&"
+                                                          "push-endpoint=amqp://mq:5672",
+                                          "Persistent": "false"}), "OpaqueData": ""}
+    topic = rgw.topic_from_attributes(attributes)
+    assert topic == dict(push_endpoint="amqp://mq:5672", amqp_exchange="notification", amqp_ack_level="broker",
+                         verify_ssl=True, persistent=False, opaque_data="")
+
+
+def test_desired_topic_round_trips_through_create_attributes():
+    desired = rgw.desired_topic(topic_params())
+    assert desired == REAL_TOPIC
+    attributes = rgw.topic_create_attributes(desired)
+    assert attributes == {"push-endpoint": "amqp://127.0.0.1:22010", "amqp-exchange": "notification",
+                          "amqp-ack-level": "broker", "verify-ssl": "false", "persistent": "true",
+                          "OpaqueData": "a=b&c"}
+    assert "OpaqueData" not in rgw.topic_create_attributes(dict(desired, opaque_data=""))
+
+
+def test_topic_differences_names_each_field():
+    assert rgw.topic_differences(REAL_TOPIC, REAL_TOPIC) == []
+    changed = dict(REAL_TOPIC, persistent=False, amqp_ack_level="none")
+    assert rgw.topic_differences(REAL_TOPIC, changed) == ["amqp_ack_level", "persistent"]
+
+
+def test_masked_topic_hides_password_and_keeps_the_rest():
+    topic = dict(REAL_TOPIC, push_endpoint="amqps://u:pw@mq:5671")
+    shown = rgw.masked_topic(topic)
+    assert shown["push_endpoint"] == "amqps://u:********@mq:5671"
+    assert topic["push_endpoint"] == "amqps://u:pw@mq:5671"  # the input is not modified
+    assert rgw.masked_topic(None) is None
+
+
+# -- bucket notifications: normalising and merging ----------------------------------------------------------------
+
+RGW_CONFIG = {"Id": "cvmfs-publisher", "TopicArn": ARN, "Events": ["s3:ObjectRemoved:*", "s3:ObjectCreated:*"],
+              "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "cvmfs/"}]}}}
+
+
+def notification_params(**overrides):
+    base = dict(bucket="alice", id="cvmfs-publisher", state="present", topic_arn=ARN,
+                events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], prefix="cvmfs/", suffix=None)
+    base.update(overrides)
+    return base
+
+
+def test_normalise_notification_sorts_events_and_reads_rule_names_in_any_case():
+    aws_style = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*", "s3:ObjectCreated:*"],
+                     Filter={"Key": {"FilterRules": [{"Name": "Prefix", "Value": "cvmfs/"},
+                                                     {"Name": "Suffix", "Value": ".tar"}]}})
+    assert rgw.normalise_notification(aws_style) == dict(
+        id="cvmfs-publisher", topic_arn=ARN, events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], prefix="cvmfs/",
+        suffix=".tar")
+    assert rgw.normalise_notification(RGW_CONFIG) == rgw.desired_notification(notification_params())
+
+
+def test_notification_config_round_trips():
+    desired = rgw.desired_notification(notification_params(suffix=".tar"))
+    assert rgw.normalise_notification(rgw.notification_config(desired)) == desired
+    assert "Filter" not in rgw.notification_config(rgw.desired_notification(notification_params(prefix="")))
+
+
+def test_merge_notification_keeps_other_ids():
+    other = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3:ObjectCreated:Put"]}
+    new = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*"])
+    assert rgw.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", new) == [other, new]
+    assert rgw.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", None) == [other]
+    assert rgw.merge_notification([other], "cvmfs-publisher", new) == [other, new]
+
+
+def test_clean_topic_configuration_drops_empty_filter_sections():
+    config = dict(RGW_CONFIG, Filter={"Key": {"FilterRules": []}, "Metadata": {"FilterRules": []}})
+    assert "Filter" not in rgw.clean_topic_configuration(config)
+    assert rgw.clean_topic_configuration(RGW_CONFIG) == RGW_CONFIG
+
+
+# -- errors, retries ----------------------------------------------------------------------------------------------
+
+def test_describe_connection_error_says_unreachable():
+    exc = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
+    assert rgw.describe_client_error(exc, "list topics", "http://127.0.0.1:1").startswith(
+        "RGW unreachable at http://127.0.0.1:1 while trying to list topics")
+
+
+@pytest.mark.parametrize("code, top_level", [("SignatureDoesNotMatch", False), ("InvalidAccessKeyId", False),
+                                             ("SignatureDoesNotMatch", True)])
+def test_describe_wrong_keys(code, top_level):
+    exc = client_error(code, 403, top_level=top_level)
+    assert rgw.describe_client_error(exc, "list topics").startswith("access denied: check access/secret key")
+
+
+def test_describe_rgw_sns_error_uses_the_top_level_code():
+    exc = client_error("InvalidInput", 400, top_level=True)
+    assert rgw.error_code(exc) == "InvalidInput"
+    assert rgw.describe_client_error(exc, "create topic alice") == (
+        "RGW failed to create topic alice: InvalidInput (HTTP 400)")
+
+
+def test_describe_access_denied_and_missing_credentials():
+    exc = client_error("AccessDenied", 403, message="Access Denied")
+    assert rgw.describe_client_error(exc, "read bucket x") == (
+        "access denied while trying to read bucket x: the RGW user lacks permission (AccessDenied: Access Denied "
+        "(HTTP 403))")
+    assert "set access_key/access_key_file" in rgw.describe_client_error(NoCredentialsError(), "list topics")
+
+
+@pytest.mark.parametrize("exc, retry", [
+    (client_error("SlowDown", 503), True),
+    (client_error("InternalError", 500), True),
+    (client_error("Whatever", 502), True),
+    (client_error("TooManyRequests", 429), True),
+    (client_error("NoSuchBucket", 404), False),
+    (client_error("AccessDenied", 403), False),
+    (EndpointConnectionError(endpoint_url="http://x"), True),
+    (ValueError("bug"), False),
+])
+def test_is_retryable(exc, retry):
+    assert rgw.is_retryable(exc) is retry
+
+
+def test_jittered_backoff_retries_transient_errors_then_gives_up():
+    sleeps, calls = [], []
+
+    @rgw.jittered_backoff(retries=3, delay=1, max_delay=2, sleep=sleeps.append)
+    def flaky():
+        calls.append(1)
+        raise client_error("ServiceUnavailable", 503)
+
+    with pytest.raises(ClientError):
+        flaky()
+    assert len(calls) == 4 and len(sleeps) == 3
+    assert all(0 <= pause <= 2 for pause in sleeps)
+
+
+def test_jittered_backoff_extra_codes_and_success():
+    outcomes = [client_error("NoSuchBucket", 404), "done"]
+
+    def step():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    wrapped = rgw.jittered_backoff(retries=2, sleep=lambda _: None, catch_extra_error_codes=["NoSuchBucket"])(step)
+    assert wrapped() == "done"
+    not_retried = rgw.jittered_backoff(retries=2, sleep=lambda _: None)(
+        lambda: (_ for _ in ()).throw(client_error("NoSuchBucket", 404)))
+    with pytest.raises(ClientError):
+        not_retried()
+
+
+# -- clients ----------------------------------------------------------------------------------------------------
+
+def test_connect_builds_a_client_with_the_collection_settings(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    client = rgw.connect(params(secret_key=None, secret_key_file=str(secret), ca_bundle="/etc/ca.pem"), "s3",
+                         max_pool_connections=32, max_attempts=7)
+    config = client.meta.config
+    assert client.meta.endpoint_url == ENDPOINT
+    assert client.meta.region_name == "default"
+    assert config.retries == {"mode": "standard", "total_max_attempts": 8}  # botocore: 7 retries + the first try
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+    assert config.max_pool_connections == 32
+    assert client._request_signer._credentials.secret_key == "from-file"
+    assert client._endpoint.http_session._verify == "/etc/ca.pem"
+
+
+def test_connect_reports_an_unreadable_secret_file(tmp_path):
+    with pytest.raises(PublisherError, match="cannot read RGW secret key from .*/missing"):
+        rgw.connect(params(secret_key=None, secret_key_file=str(tmp_path / "missing")), "sns")
+
+
+# -- topic operations with a stubbed RGW ----------------------------------------------------------------------
+
+@pytest.fixture
+def sns():
+    client = rgw.connect(params(), "sns")
+    with Stubber(client) as stub:
+        client.stub = stub
+        yield client
+        stub.assert_no_pending_responses()
+
+
+def expect_lookup(sns, attributes):
+    """ListTopics (with RGW's duplicate internal entry) then GetTopicAttributes, or its NoSuchEntity."""
+    sns.stub.add_response("list_topics", {"Topics": [{"TopicArn": ARN}, {"TopicArn": ARN},
+                                                     {"TopicArn": "arn:aws:sns:default::alice2"}]})
+    if attributes is None:
+        sns.stub.add_client_error("get_topic_attributes", service_error_code="NoSuchEntity", http_status_code=404)
+    else:
+        sns.stub.add_response("get_topic_attributes", {"Attributes": attributes}, {"TopicArn": ARN})
+
+
+def test_ensure_topic_unchanged(sns):
+    expect_lookup(sns, REAL_ATTRIBUTES)
+    result = rgw.ensure_topic(sns, topic_params(), check_mode=False)
+    assert result["changed"] is False and result["arn"] == ARN
+    assert result["notifications_need_refresh"] is False
+
+
+def test_ensure_topic_update_says_notifications_need_refresh(sns):
+    expect_lookup(sns, REAL_ATTRIBUTES)
+    sns.stub.add_response("create_topic", {"TopicArn": ARN})
+    result = rgw.ensure_topic(sns, topic_params(persistent=False), check_mode=False)
+    assert result["changed"] and result["notifications_need_refresh"]
+    assert result["changed_attributes"] == ["persistent"]
+    assert result["diff"]["before"]["persistent"] is True and result["diff"]["after"]["persistent"] is False
+
+
+def test_ensure_topic_check_mode_predicts_the_arn_and_writes_nothing(sns):
+    expect_lookup(sns, None)  # only a stale internal entry left by an earlier DeleteTopic
+    result = rgw.ensure_topic(sns, topic_params(), check_mode=True)
+    assert result["changed"] and result["arn"] == ARN and result["diff"]["before"] is None
+
+
+def test_ensure_topic_absent(sns):
+    expect_lookup(sns, REAL_ATTRIBUTES)
+    sns.stub.add_response("delete_topic", {}, {"TopicArn": ARN})
+    result = rgw.ensure_topic(sns, topic_params(state="absent"), check_mode=False)
+    assert result["changed"] and result["diff"]["after"] is None
+
+
+def test_credentials_over_http_get_a_message_that_says_so(sns):
+    expect_lookup(sns, None)
+    sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
+    with pytest.raises(PublisherError) as caught:
+        rgw.ensure_topic(sns, topic_params(push_endpoint="amqp://rgw:s3cr3t@mq:5672"), check_mode=False)
+    assert caught.value.msg.startswith(
+        "RGW refused the topic: credentials in push_endpoint must be sent over HTTPS to RGW (endpoint_url is "
+        "http://127.0.0.1:18000)")
+    assert "s3cr3t" not in caught.value.msg
+
+
+def test_other_400_is_not_blamed_on_credentials(sns):
+    expect_lookup(sns, None)
+    sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
+    with pytest.raises(PublisherError, match="^RGW failed to create topic alice: InvalidInput"):
+        rgw.ensure_topic(sns, topic_params(), check_mode=False)
+
+
+# -- bucket notification operations with a stubbed RGW ----------------------------------------------------------
+
+AUDIT = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3:ObjectCreated:Put"]}
+
+
+@pytest.fixture
+def s3():
+    client = rgw.connect(params(), "s3")
+    with Stubber(client) as stub:
+        client.stub = stub
+        yield client
+        stub.assert_no_pending_responses()
+
+
+def test_notification_unchanged_when_only_event_order_differs(s3):
+    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [AUDIT, RGW_CONFIG]})
+    result = rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+    assert result["changed"] is False and result["other_ids"] == ["audit"]
+
+
+def test_notification_added_next_to_other_ids(s3):
+    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [AUDIT]})
+    expected = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"])
+    s3.stub.add_response("put_bucket_notification_configuration", {}, {
+        "Bucket": "alice", "NotificationConfiguration": {"TopicConfigurations": [AUDIT, expected]}})
+    result = rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+    assert result["changed"] and result["diff"]["before"] is None
+    assert result["notification"]["events"] == ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+
+
+def test_notification_check_mode_writes_nothing(s3):
+    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [RGW_CONFIG]})
+    result = rgw.ensure_bucket_notification(s3, notification_params(prefix="other/"), check_mode=True)
+    assert result["changed"]
+    assert result["diff"]["before"]["prefix"] == "cvmfs/" and result["diff"]["after"]["prefix"] == "other/"
+
+
+def test_missing_bucket_is_named(s3):
+    s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
+                             http_status_code=404)
+    with pytest.raises(PublisherError, match="^bucket 'alice' does not exist at http://127.0.0.1:18000"):
+        rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+
+
+# -- modules: argument handling and secrets ---------------------------------------------------------------------
+
+def run_main(module, args, capsys):
+    with patch_module_args(args):
+        with pytest.raises(SystemExit):
+            module.main()
+    return json.loads(capsys.readouterr().out)
+
+
+def test_topic_present_needs_push_endpoint(capsys):
+    result = run_main(rgw_topic, dict(endpoint_url=ENDPOINT, name="alice"), capsys)
+    assert result["failed"] and "push_endpoint" in result["msg"]
+
+
+def test_topic_refuses_both_secret_and_secret_file(capsys):
+    result = run_main(rgw_topic, dict(endpoint_url=ENDPOINT, name="alice", push_endpoint="amqp://mq",
+                                      secret_key="long-secret", secret_key_file="/x"), capsys)
+    assert result["failed"] and "mutually exclusive: secret_key|secret_key_file" in result["msg"]
+
+
+def test_topic_result_never_shows_the_push_endpoint_password(capsys, monkeypatch):
+    def fake_ensure(sns, module_params, check_mode):
+        # As if a bug echoed the raw option: the module's no_log_values must still hide the password.
+        return dict(changed=True, echoed=module_params["push_endpoint"], diff=dict(before=None, after=None))
+
+    monkeypatch.setattr(rgw_topic, "connect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rgw_topic, "ensure_topic", fake_ensure)
+    result = run_main(rgw_topic, dict(endpoint_url=ENDPOINT, name="alice", secret_key="topsecretkey",
+                                      push_endpoint="amqps://rgw:Pa55w0rd-x@mq:5671"), capsys)
+    text = json.dumps(result)
+    assert "Pa55w0rd-x" not in text and "topsecretkey" not in text
+    assert result["echoed"] == "amqps://rgw:********@mq:5671"
+
+
+def test_notification_present_needs_topic_arn_and_events(capsys):
+    result = run_main(rgw_bucket_notification, dict(endpoint_url=ENDPOINT, bucket="alice"), capsys)
+    assert result["failed"] and "topic_arn" in result["msg"]
+    result = run_main(rgw_bucket_notification, dict(endpoint_url=ENDPOINT, bucket="alice", topic_arn=ARN, events=[]),
+                      capsys)
+    assert result["failed"] and result["msg"].startswith("events must list at least one S3 event type")
