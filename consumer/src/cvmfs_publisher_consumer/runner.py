@@ -115,11 +115,13 @@ class PlaybookRunner:
         private_dir = tempfile.mkdtemp(prefix="%s-" % label, dir=self.runs_dir)
         errors = _EventErrors()
         started = time.monotonic()
-        cmdline = " ".join("-e @%s" % shlex.quote(path) for path in self.settings["extravars_files"])
+        # With a ``binary`` ansible-runner passes only the command line we give (plus extravars): the playbook too.
+        arguments = ["-e @%s" % shlex.quote(path) for path in self.settings["extravars_files"]]
         if self.settings["verbosity"]:
-            cmdline += " -" + "v" * self.settings["verbosity"]
+            arguments.append("-" + "v" * self.settings["verbosity"])
+        arguments.append(shlex.quote(os.path.join(self.settings["project_dir"], playbook)))
         kwargs = dict(private_data_dir=private_dir, project_dir=self.settings["project_dir"], playbook=playbook,
-                      extravars=extravars, cmdline=cmdline.strip() or None, binary=self._guard,
+                      extravars=extravars, cmdline=" ".join(arguments), binary=self._guard,
                       envvars=dict(self.settings["env"], CVMFS_PUBLISHER_DAEMON_PID=str(os.getpid())),
                       timeout=self.settings["timeout"], quiet=True, event_handler=errors, cancel_callback=cancel,
                       settings={"suppress_ansible_output": True})

@@ -1,0 +1,107 @@
+import random
+
+from cvmfs_publisher_consumer.batching import (CHANGES, FULL, PROVISION, Pending, RetryPolicy, Scheduler,
+                                               reconnect_delays)
+
+
+def sync(ref, *keys, attempts=0, not_before=0.0):
+    return Pending(ref=ref, kind=CHANGES, keys=keys, attempts=attempts, not_before=not_before)
+
+
+def test_events_of_a_running_repository_wait_and_coalesce():
+    scheduler = Scheduler(max_parallel=4)
+    scheduler.add("alice.infn.it", sync(1, "cvmfs/a"))
+    [first] = scheduler.take_ready(now=0)
+    assert (first.mode, first.keys, [m.ref for m in first.messages]) == (CHANGES, ["cvmfs/a"], [1])
+    for ref, key in [(2, "cvmfs/b"), (3, "cvmfs/a"), (4, "cvmfs/c"), (5, "cvmfs/b")]:
+        scheduler.add("alice.infn.it", sync(ref, key))
+    assert scheduler.take_ready(now=1) == []          # one run per repository at a time
+    scheduler.finished(first, succeeded=True, now=2)
+    [second] = scheduler.take_ready(now=2)
+    assert second.keys == ["cvmfs/a", "cvmfs/b", "cvmfs/c"]
+    assert [m.ref for m in second.messages] == [2, 3, 4, 5]
+    assert second.size == 3
+
+
+def test_at_most_n_repositories_at_once_oldest_first():
+    scheduler = Scheduler(max_parallel=2)
+    scheduler.add("c.x.org", sync("c", "k", not_before=0))
+    scheduler.add("a.x.org", sync("a", "k", not_before=0))
+    scheduler.add("b.x.org", sync("b", "k", not_before=0))
+    started = scheduler.take_ready(now=0)
+    assert len(started) == 2 and len(scheduler.running) == 2
+    assert scheduler.take_ready(now=0) == []
+    scheduler.finished(started[0], succeeded=False, now=1)
+    [third] = scheduler.take_ready(now=1)
+    assert {b.lane for b in started + [third]} == {"a.x.org", "b.x.org", "c.x.org"}
+
+
+def test_a_lane_waits_for_its_retry_time():
+    scheduler = Scheduler(max_parallel=1)
+    scheduler.add("a.x.org", sync(1, "k", attempts=1, not_before=100))
+    scheduler.add("a.x.org", sync(2, "j"))
+    assert scheduler.take_ready(now=99) == []
+    [batch] = scheduler.take_ready(now=100)
+    assert [m.ref for m in batch.messages] == [1, 2]
+
+
+def test_provisioning_goes_first_and_identical_requests_share_a_run():
+    scheduler = Scheduler(max_parallel=1)
+    scheduler.add("a.x.org", sync(1, "k"))
+    scheduler.add("a.x.org", Pending(ref=2, kind=PROVISION, request="req-a"))
+    scheduler.add("a.x.org", Pending(ref=3, kind=PROVISION, request="req-a"))
+    scheduler.add("a.x.org", Pending(ref=4, kind=PROVISION, request="req-b"))
+    [batch] = scheduler.take_ready(now=0)
+    assert (batch.mode, batch.request, [m.ref for m in batch.messages]) == (PROVISION, "req-a", [2, 3])
+    scheduler.finished(batch, True, 0)
+    assert scheduler.take_ready(now=0)[0].request == "req-b"
+
+
+def test_full_reconcile_when_due_takes_waiting_events_along():
+    scheduler = Scheduler(max_parallel=1, full_interval=60)
+    scheduler.track("a.x.org", now=0)
+    assert scheduler.take_ready(now=59) == []
+    scheduler.add("a.x.org", sync(1, "k"))
+    [changes] = scheduler.take_ready(now=59)
+    assert changes.mode == CHANGES
+    scheduler.finished(changes, True, 59)
+    scheduler.add("a.x.org", sync(2, "j"))
+    [full] = scheduler.take_ready(now=60)
+    assert (full.mode, [m.ref for m in full.messages]) == (FULL, [2])
+    scheduler.finished(full, True, 61)
+    assert scheduler.take_ready(now=120) == []
+    assert scheduler.take_ready(now=121)[0].mode == FULL
+
+
+def test_no_full_reconcile_by_default():
+    scheduler = Scheduler(max_parallel=1)
+    scheduler.track("a.x.org", now=0)
+    assert scheduler.take_ready(now=10 ** 9) == []
+
+
+def test_drain_and_forget():
+    scheduler = Scheduler(max_parallel=1)
+    scheduler.add("a.x.org", sync(1, "k"))
+    scheduler.add("b.x.org", sync(2, "k"))
+    scheduler.forget(lambda ref: ref != 2)
+    assert scheduler.waiting("b.x.org") == 0 and scheduler.waiting("a.x.org") == 1
+    assert [m.ref for m in scheduler.drain()] == [1]
+    assert scheduler.take_ready(now=0) == []
+
+
+def test_retry_policy_backs_off_then_dead_letters():
+    policy = RetryPolicy(max_attempts=3, initial_delay=10, max_delay=15, rng=random.Random(1))
+    first = policy.after_failure(sync(1, "k"), now=1000)
+    assert first.action == "retry" and first.attempts == 1 and 1005 <= first.not_before <= 1010
+    second = policy.after_failure(sync(1, "k", attempts=1), now=1000)
+    assert second.action == "retry" and second.attempts == 2 and 1007.5 <= second.not_before <= 1015  # capped
+    third = policy.after_failure(sync(1, "k", attempts=2), now=1000)
+    assert (third.action, third.attempts) == ("dead-letter", 3)
+
+
+def test_reconnect_delays_grow_to_the_cap_with_jitter():
+    delays = reconnect_delays(1, 8, rng=random.Random(2))
+    values = [next(delays) for _ in range(8)]
+    caps = [1, 2, 4, 8, 8, 8, 8, 8]
+    assert all(cap / 2 <= value <= cap for value, cap in zip(values, caps))
+    assert len(set(values)) == len(values)  # jittered

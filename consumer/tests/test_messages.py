@@ -1,0 +1,147 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from cvmfs_publisher_consumer.messages import (MessageError, ProvisionRequest, check_key, parse_provision,
+                                               parse_s3_event, touched_keys)
+
+EXAMPLES = Path("/work/shared/examples")
+HERE_EXAMPLES = Path(__file__).parent / "data"
+
+
+def rgw_event(key="cvmfs/a/b.txt", bucket="alice", name="ObjectCreated:Put", size=12):
+    return json.dumps({"Records": [{"eventVersion": "2.2", "eventSource": "ceph:s3", "eventName": name,
+                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": size}}}]}).encode()
+
+
+def aws_event(key, bucket="alice", name="s3:ObjectRemoved:Delete", size="7"):
+    return json.dumps({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
+                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": size}}}]}).encode()
+
+
+# -- provisioning ------------------------------------------------------------------------------------------
+
+def test_plain_text_personal():
+    request = parse_provision(b"alice,0f3c-sub,alice.infn.it,P\n")
+    assert request == ProvisionRequest("alice.infn.it", subject="0f3c-sub", owner="alice", form="csv")
+    assert request.extravars() == {"cvmfs_repository": "alice.infn.it", "cvmfs_subject": "0f3c-sub"}
+
+
+def test_plain_text_group_uses_the_short_name_as_group():
+    request = parse_provision(b"bob,sub,physics.infn.it,G")
+    assert request.extravars() == {"cvmfs_repository": "physics.infn.it", "cvmfs_group": "physics"}
+
+
+def test_json_forms():
+    personal = parse_provision(json.dumps({"version": 1, "repository": "alice.infn.it", "owner": "alice",
+                                           "subject": "s-1", "kind": "personal"}).encode())
+    assert personal.extravars() == {"cvmfs_repository": "alice.infn.it", "cvmfs_subject": "s-1"}
+    group = parse_provision(json.dumps({"version": 1, "repository": "lab.infn.it", "kind": "group",
+                                        "group": "lab-admins"}).encode())
+    assert group.extravars() == {"cvmfs_repository": "lab.infn.it", "cvmfs_group": "lab-admins"}
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"alice,sub,alice.infn.it", "4 comma-separated fields"),
+    (b"alice,sub,alice.infn.it,X", "must be P (personal) or G (group)"),
+    (b"alice,sub,../../etc.infn.it,P", "invalid repository name"),
+    (b"alice,sub,Alice.infn.it,P", "short name must be 3-63 lowercase"),
+    (b"alice,sub/../x,alice.infn.it,P", "invalid subject"),
+    (b"alice,sub,alice,P", "invalid repository name"),
+    (b"", "message is empty"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'{"version": 1, "repository": "alice.infn.it", "kind": "personal"', "not valid JSON"),
+    (b'{"version": 2, "repository": "alice.infn.it"}', "unsupported version 2"),
+    (b'{"version": 1, "repository": "alice.infn.it", "kind": "team"}', "kind must be"),
+    (b'{"version": 1, "repository": "alice.infn.it", "kind": "personal", "subject": "s", "x": 1}', "unknown field 'x'"),
+    (b'{"version": 1, "repository": "alice.infn.it", "kind": "personal"}', "invalid subject None"),
+    (b'[1, 2]', "4 comma-separated fields"),
+])
+def test_bad_provisioning_messages_say_why(body, reason):
+    with pytest.raises(MessageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_provision(body)
+
+
+def test_domain_restriction():
+    assert parse_provision(b"a,s,alice.infn.it,P", domain="infn.it").repository == "alice.infn.it"
+    with pytest.raises(MessageError, match="not in this publisher's domain 'infn.it'"):
+        parse_provision(b"a,s,alice.example.org,P", domain="infn.it")
+
+
+# -- S3 events ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="shared examples not present")
+@pytest.mark.parametrize("name, expected", [("rgw-event-put.json", "ObjectCreated:Put"),
+                                            ("rgw-event-delete.json", "ObjectRemoved:Delete")])
+def test_real_rgw_events(name, expected):
+    [event] = parse_s3_event((EXAMPLES / name).read_bytes())
+    assert (event.bucket, event.key, event.name, event.size) == (
+        "notif-cvmfs-events", "cvmfs/data/ab/cdef0123", expected, 1234)
+
+
+def test_rgw_keys_are_raw_aws_keys_are_url_encoded():
+    [rgw] = parse_s3_event(rgw_event(key="cvmfs/a+b%20c.txt"))
+    assert rgw.key == "cvmfs/a+b%20c.txt"
+    [aws] = parse_s3_event(aws_event(key="cvmfs/my+file%2Bx.txt"))
+    assert (aws.key, aws.name, aws.size) == ("cvmfs/my file+x.txt", "ObjectRemoved:Delete", 7)
+
+
+def test_aws_test_event_is_nothing():
+    assert parse_s3_event(b'{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"alice"}') == []
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"not json", "not valid JSON"),
+    (b"[]", "JSON object with a Records list"),
+    (b'{"Records": []}', "no Records list"),
+    (b'{"Records": [{"eventName": "ObjectCreated:Put"}]}', "s3.bucket.name missing"),
+    (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "a"}}}]}', "s3.object.key missing"),
+    (b'{"Records": [{"s3": {}}]}', "eventName missing"),
+    (b'{"Records": ["x"]}', r"Records\[0\]: expected an object"),
+    (json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "a"},
+                                                                      "object": {"key": "k", "size": "big"}}}]}).encode(),
+     "size 'big' is not a number"),
+])
+def test_bad_events_say_why(body, reason):
+    with pytest.raises(MessageError, match=reason):
+        parse_s3_event(body)
+
+
+@pytest.mark.parametrize("key, reason", [
+    ("cvmfs/../etc/passwd", "'..' path segment"),
+    ("cvmfs/a/./b", "'.' or '..'"),
+    ("cvmfs//etc/passwd", "absolute path"),
+    ("cvmfs/a//b", "empty"),
+    ("cvmfs/.cvmfs/snapshots", ".cvmfs at the top"),
+    ("cvmfs/a/.wh.b", "whiteout"),
+    ("cvmfs/a\nb", "control characters"),
+    ("cvmfs/" + "a" * 1100, "longer than 1024"),
+])
+def test_hostile_keys(key, reason):
+    with pytest.raises(MessageError, match=reason):
+        check_key(key, "cvmfs/")
+
+
+def test_fine_keys():
+    assert check_key("cvmfs/a/b c/.cvmfscatalog", "cvmfs/") == "a/b c/.cvmfscatalog"
+    assert check_key("cvmfs/dir/", "cvmfs/") == "dir/"
+    assert check_key("cvmfs/sub/.cvmfs", "cvmfs/") == "sub/.cvmfs"
+
+
+def test_touched_keys_filters_and_deduplicates():
+    events = (parse_s3_event(rgw_event("cvmfs/a")) + parse_s3_event(rgw_event("cvmfs/a", name="ObjectRemoved:Delete"))
+              + parse_s3_event(rgw_event("other/x")) + parse_s3_event(rgw_event("cvmfs/b", bucket="bob"))
+              + parse_s3_event(rgw_event("cvmfs/")) + parse_s3_event(rgw_event("cvmfs/c", name="ObjectSynced:Create")))
+    touches = touched_keys(events, bucket="alice", prefix="cvmfs/", known_buckets={"alice", "bob"})
+    assert touches.keys == ("cvmfs/a",)
+    assert len(touches.ignored) == 4
+    assert any("outside the prefix" in reason for reason in touches.ignored)
+    assert any("bucket 'bob'" in reason for reason in touches.ignored)
+
+
+def test_unknown_bucket_and_hostile_key_reject_the_message():
+    with pytest.raises(MessageError, match="unknown bucket 'mallory'"):
+        touched_keys(parse_s3_event(rgw_event(bucket="mallory")), "alice", "cvmfs/", {"alice"})
+    with pytest.raises(MessageError, match=r"'\.\.' path segment"):
+        touched_keys(parse_s3_event(rgw_event("cvmfs/a/../../x")), "alice", "cvmfs/", {"alice"})
