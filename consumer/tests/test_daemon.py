@@ -1,0 +1,256 @@
+"""The daemon's decisions with a fake broker and a fake runner: what gets acked, retried, dead-lettered, run."""
+import json
+import threading
+import time
+
+import pika
+import pytest
+
+from cvmfs_publisher_consumer import amqp
+from cvmfs_publisher_consumer.config import load
+from cvmfs_publisher_consumer.daemon import Daemon, discover_repositories
+from cvmfs_publisher_consumer.runner import RunResult
+from cvmfs_publisher_consumer.status import StatusFile
+
+
+class FakeBroker:
+    def __init__(self, queues):
+        self.queues = set(queues)
+        self.callbacks = {}
+        self.settled = []           # (action, queue, body, extra)
+        self.generation = 1
+        self.is_open = False
+        self._tag = 0
+
+    def connect(self, declare_dead_letter=True):
+        self.is_open = True
+
+    def ensure_queue(self, queue):
+        self.queues.add(queue)
+
+    def consume(self, queue, prefetch, on_message):
+        if queue not in self.queues:
+            return False
+        self.callbacks[queue] = on_message
+        return True
+
+    def consuming(self, queue):
+        return queue in self.callbacks
+
+    def single_active_consumer_problem(self, queue):
+        return None
+
+    def deliver(self, queue, body, headers=None):
+        self._tag += 1
+        delivery = amqp.Delivery(queue, self._tag, body, pika.BasicProperties(headers=headers), None, 1)
+        self.callbacks[queue](delivery)
+        return delivery
+
+    def ack(self, delivery):
+        self.settled.append(("ack", delivery.queue, delivery.body, None))
+        return True
+
+    def requeue(self, delivery):
+        self.settled.append(("requeue", delivery.queue, delivery.body, None))
+        return True
+
+    def retry_later(self, delivery, attempts, not_before):
+        self.settled.append(("retry", delivery.queue, delivery.body, (attempts, not_before)))
+        return True
+
+    def dead_letter(self, delivery, reason, attempts):
+        self.settled.append(("dead-letter", delivery.queue, delivery.body, (reason, attempts)))
+        return True
+
+    def wake(self, callback):
+        pass
+
+    def process(self, time_limit):
+        pass
+
+    def stop_consuming(self):
+        self.callbacks = {}
+
+    def close(self):
+        self.is_open = False
+
+    def actions(self):
+        return [(action, queue) for action, queue, _body, _extra in self.settled]
+
+
+class FakeRunner:
+    """Records runs; each run waits until the test releases it, then returns the scripted outcome."""
+
+    def __init__(self):
+        self.runs = []
+        self.outcomes = []
+        self.gate = threading.Semaphore(0)
+        self.auto = True
+
+    def run(self, playbook_key, extravars, label, cancel=lambda: False):
+        self.runs.append((playbook_key, extravars))
+        if not self.auto:
+            self.gate.acquire(timeout=10)
+        outcome = self.outcomes.pop(0) if self.outcomes else "successful"
+        return RunResult(playbook=playbook_key, outcome=outcome, rc=0 if outcome == "successful" else 2,
+                         duration=0.1, error="" if outcome == "successful" else "Publish: gateway said no")
+
+
+def event(key, bucket="alice", name="ObjectCreated:Put"):
+    return json.dumps({"Records": [{"eventName": name, "s3": {"bucket": {"name": bucket},
+                                                              "object": {"key": key, "size": 1}}}]}).encode()
+
+
+@pytest.fixture
+def daemon(project):
+    repos = project["tmp"] / "repositories.d"
+    (repos / "alice.infn.it").mkdir(parents=True)
+    (repos / "bob.infn.it").mkdir()
+    config = load(str(project["config_path"]), environ={})
+    broker = FakeBroker({"alice", "bob"})
+    runner = FakeRunner()
+    clock = [1000.0]
+    instance = Daemon(config, broker=broker, runner=runner, clock=lambda: clock[0])
+    instance.clock_value = clock
+    instance._connect()
+    return instance
+
+
+def started(daemon, count):
+    """The runs are started by worker threads: wait until ``count`` have begun."""
+    deadline = time.monotonic() + 10
+    while len(daemon.runner.runs) < count:
+        assert time.monotonic() < deadline, "expected %d runs, got %r" % (count, daemon.runner.runs)
+        time.sleep(0.01)
+    return daemon.runner.runs
+
+
+def settle(daemon, runs=1):
+    """Let the fake runs finish and the I/O thread settle them."""
+    for _ in range(runs):
+        daemon._settle_finished(timeout=5)
+
+
+def test_discovery_lists_valid_repositories(tmp_path):
+    (tmp_path / "alice.infn.it").mkdir()
+    (tmp_path / "not a repo").mkdir()
+    (tmp_path / "file.infn.it").write_text("")
+    assert discover_repositories(str(tmp_path)) == {"alice": "alice.infn.it"}
+    assert discover_repositories(str(tmp_path / "missing")) == {}
+
+
+def test_consumes_the_provisioning_queue_and_every_provisioned_repository(daemon):
+    assert set(daemon.broker.callbacks) == {"publisher", "alice", "bob"}
+
+
+def test_malformed_provisioning_message_is_dead_lettered_with_reason(daemon):
+    daemon.broker.deliver("publisher", b"alice,sub,alice.infn.it")
+    [(action, queue, _body, (reason, attempts))] = daemon.broker.settled
+    assert (action, queue, attempts) == ("dead-letter", "publisher", 0)
+    assert "4 comma-separated fields" in reason
+    daemon._start_ready()
+    assert daemon.runner.runs == []
+
+
+def test_provisioning_runs_the_playbook_then_consumes_the_new_queue(daemon):
+    daemon.broker.queues.add("carol")
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs == [("provision_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                          "cvmfs_subject": "sub-c"})]
+    assert daemon.broker.actions() == [("ack", "publisher")]
+    assert "carol" in daemon.broker.callbacks
+    daemon.broker.deliver("carol", event("cvmfs/x", bucket="carol"))
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1] == ("sync_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                        "cvmfs_sync_mode": "changes", "cvmfs_sync_keys": ["cvmfs/x"]})
+
+
+def test_events_arriving_during_a_sync_make_one_next_run_acked_after_it(daemon):
+    daemon.runner.auto = False
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon._start_ready()
+    for key in ("cvmfs/b", "cvmfs/c", "cvmfs/b", "cvmfs/a"):
+        daemon.broker.deliver("alice", event(key, name="ObjectRemoved:Delete"))
+    daemon._start_ready()
+    started(daemon, 1)
+    time.sleep(0.2)
+    assert len(daemon.runner.runs) == 1            # one sync per repository at a time
+    daemon.runner.gate.release()
+    settle(daemon)
+    assert daemon.broker.actions() == [("ack", "alice")]
+    daemon._start_ready()
+    assert started(daemon, 2)[1][1]["cvmfs_sync_keys"] == ["cvmfs/a", "cvmfs/b", "cvmfs/c"]
+    assert daemon.broker.actions() == [("ack", "alice")]   # not before the run succeeds
+    daemon.runner.gate.release()
+    settle(daemon)
+    assert daemon.broker.actions() == [("ack", "alice")] * 5
+    status = StatusFile.read(daemon.config["state_dir"])
+    assert status["repositories"]["alice.infn.it"]["last_publish"] == 1000.0
+
+
+def test_two_repositories_run_in_parallel(daemon):
+    daemon.runner.auto = False
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon.broker.deliver("bob", event("cvmfs/b", bucket="bob"))
+    daemon._start_ready()
+    assert sorted(r[1]["cvmfs_repository"] for r in started(daemon, 2)) == ["alice.infn.it", "bob.infn.it"]
+    daemon.runner.gate.release()
+    daemon.runner.gate.release()
+    settle(daemon, runs=2)
+
+
+def test_failed_run_is_retried_with_attempts_then_dead_lettered(daemon):
+    daemon.runner.outcomes = ["failed"]
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon.broker.deliver("alice", event("cvmfs/b"), headers={amqp.ATTEMPTS_HEADER: 4})  # max_attempts is 5
+    daemon._start_ready()
+    settle(daemon)
+    (retry, _q, _b, (attempts, not_before)), (dead, _q2, _b2, (reason, dead_attempts)) = daemon.broker.settled
+    assert (retry, attempts) == ("retry", 1) and not_before > 1000.0
+    assert (dead, dead_attempts) == ("dead-letter", 5)
+    assert reason == "changes run failed 5 times; last error: Publish: gateway said no"
+    status = StatusFile.read(daemon.config["state_dir"])
+    assert status["repositories"]["alice.infn.it"]["last_error"] == "Publish: gateway said no"
+
+
+def test_a_retry_copy_waits_for_its_time(daemon):
+    daemon.broker.deliver("alice", event("cvmfs/a"), headers={amqp.ATTEMPTS_HEADER: 1,
+                                                              amqp.NOT_BEFORE_HEADER: 1030.0})
+    daemon._start_ready()
+    assert daemon.runner.runs == []
+    daemon.clock_value[0] = 1030.0
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.broker.actions() == [("ack", "alice")]
+
+
+def test_other_bucket_and_outside_prefix_are_acked_unknown_bucket_and_hostile_keys_dead_lettered(daemon):
+    daemon.broker.deliver("alice", event("cvmfs/a", bucket="bob"))
+    daemon.broker.deliver("alice", event("other/a"))
+    daemon.broker.deliver("alice", event("cvmfs/a", bucket="mallory"))
+    daemon.broker.deliver("alice", event("cvmfs/../../etc/passwd"))
+    daemon.broker.deliver("alice", b"{not json")
+    daemon.broker.deliver("alice", b"\x00\xff")
+    daemon._start_ready()
+    assert daemon.runner.runs == []
+    assert daemon.broker.actions() == [("ack", "alice"), ("ack", "alice")] + [("dead-letter", "alice")] * 4
+    reasons = [extra[0] for action, _q, _b, extra in daemon.broker.settled if action == "dead-letter"]
+    assert "unknown bucket 'mallory'" in reasons[0]
+    assert "'..' path segment" in reasons[1]
+    assert "not valid JSON" in reasons[2]
+    assert "not UTF-8" in reasons[3]
+
+
+def test_shutdown_requeues_waiting_messages_and_finishes_running_ones(daemon):
+    daemon.runner.auto = False
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon._start_ready()
+    daemon.broker.deliver("alice", event("cvmfs/b"))
+    daemon.runner.gate.release()
+    daemon.request_stop()
+    daemon._shutdown()
+    assert sorted(daemon.broker.actions()) == [("ack", "alice"), ("requeue", "alice")]
+    assert daemon.broker.callbacks == {}
