@@ -344,6 +344,18 @@ def check_publishable(rel: str, name: str, st: os.stat_result) -> None:
         raise StandinError(f"refusing to publish special file {rel!r} (device, fifo or socket)")
 
 
+def refuse_symlink_components(union: str, rel: str, include_last: bool, what: str) -> None:
+    """Writing or deleting below a symbolic link would touch files outside the repository."""
+    parts = rel.split("/") if rel else []
+    path = union
+    for part in parts if include_last else parts[:-1]:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise StandinError(f"{what} /{rel} passes through the symbolic link /{os.path.relpath(path, union)}")
+        if not os.path.exists(path):
+            return
+
+
 def scan(union: str, scope: str, hasher: Hasher, gateway: Gateway) -> dict:
     """Manifest entries of the union dir inside `scope`, storing new file contents in the gateway."""
     entries: dict = {}
@@ -532,6 +544,7 @@ def publish_transaction(local: Local, log_fields: dict) -> int:
         raise StandinError(f"Repository {local.fqrn} is not in a transaction")
     lease = own_lease(local, gateway)
     scope = lease["path"]
+    refuse_symlink_components(local.union, scope, include_last=False, what="the lease path")
     hasher = Hasher(local.load_stat_cache())
     scanned = scan(local.union, scope, hasher, gateway)
     previous = gateway.manifest()
@@ -752,7 +765,9 @@ def cmd_ingest(root: str, args) -> int:
         except StandinError as error:
             raise StandinError(f"ingest cannot open its transaction: {error}") from None
     try:
+        refuse_symlink_components(local.union, base_dir, include_last=True, what="the base directory")
         if to_delete is not None:
+            refuse_symlink_components(local.union, to_delete, include_last=False, what="the path to delete")
             target = os.path.join(local.union, to_delete)
             if os.path.lexists(target):
                 remove_path(target)
@@ -887,6 +902,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_FAIL, f"{PROG}: {message}\n")
 
 
+def accept_ignored(parser: argparse.ArgumentParser, flags: tuple, options: tuple) -> None:
+    """Options of the real tool that change nothing the stand-in models: accepted so that callers need no branch."""
+    for flag in flags:
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for option in options:
+        parser.add_argument(option, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=(
         f"{PROG}: reproduces the gateway-publisher commands of CernVM-FS's cvmfs_server under $CVMFS_STANDIN_ROOT "
@@ -904,10 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     mkfs.add_argument("-x", dest="proxy")
     mkfs.add_argument("-z", dest="gc", action="store_true")
     mkfs.add_argument("-g", dest="no_autotag", action="store_true")
-    for flag in ("-m", "-v", "-p", "-X", "-R"):
-        mkfs.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for option in ("-G", "-V", "-Z", "-s"):
-        mkfs.add_argument(option, help=argparse.SUPPRESS)
+    accept_ignored(mkfs, flags=("-m", "-v", "-p", "-X", "-R"), options=("-G", "-V", "-Z", "-s"))
     mkfs.add_argument("fqrn")
     mkfs.set_defaults(func=cmd_mkfs)
 
@@ -920,10 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="publish the open transaction as a new revision")
     publish.add_argument("-a", dest="tag")
     publish.add_argument("-m", dest="message")
-    for flag in ("-v", "-f", "-e", "-d", "-p", "-X", "-N"):
-        publish.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for option in ("-n", "-Z", "-F", "-c"):
-        publish.add_argument(option, help=argparse.SUPPRESS)
+    accept_ignored(publish, flags=("-v", "-f", "-e", "-d", "-p", "-X", "-N"), options=("-n", "-Z", "-F", "-c"))
     publish.add_argument("repository")
     publish.set_defaults(func=cmd_publish)
 
@@ -966,6 +983,9 @@ def main(argv: list | None = None) -> int:
     except StandinError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # the real tool dies (exit 1) on I/O errors too
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 # ---------------------------------------------------------------------------------------------------------------

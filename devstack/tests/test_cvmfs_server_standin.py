@@ -3,6 +3,7 @@
 import gzip
 import io
 import os
+import py_compile
 import stat
 import subprocess
 import sys
@@ -125,6 +126,12 @@ def tar_bytes(members, compress=False):
                 info.linkname = spec[1]
             archive.addfile(info)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_standin():
+    """Each command is a new interpreter: with PYTHONDONTWRITEBYTECODE set it would compile standin.py every time."""
+    py_compile.compile(standin.__file__)
 
 
 @pytest.fixture
@@ -439,6 +446,25 @@ def test_ingest_refuses_escaping_or_unpublishable_members(pub, tmp_path, members
     assert os.listdir(pub.union) == []
     after = snapshot(pub.root)
     assert {p for p in set(after) - set(before) if "srv/cvmfs-standin" not in p and "var/spool" not in p} == set()
+
+
+def test_ingest_never_writes_or_deletes_through_a_published_symlink(pub, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "set").mkdir(parents=True)
+    (outside / "victim").write_bytes(b"victim")
+    pub.ok("transaction", FQRN)
+    os.symlink(str(outside), os.path.join(pub.union, "data"))
+    os.mkdir(os.path.join(pub.union, "top"))
+    os.symlink(str(outside), os.path.join(pub.union, "top", "link"))
+    pub.ok("publish", FQRN)
+    tarball = tar_bytes({"f": b"f"})
+    assert "symbolic link" in pub.fails(1, "ingest", "-t", "-", "-b", "data", FQRN, stdin=tarball)
+    assert "symbolic link" in pub.fails(1, "ingest", "-t", "-", "-b", "top", "-d", "top/link/victim", FQRN,
+                                        stdin=tarball)
+    assert "symbolic link" in pub.fails(1, "ingest", "-t", "-", "-b", "top", FQRN,
+                                        stdin=tar_bytes({"link/set/f": b"f"}))
+    assert sorted(os.listdir(outside)) == ["set", "victim"] and os.listdir(outside / "set") == []
+    assert pub.revision() == 1
 
 
 def test_ingest_needs_the_parent_of_base_dir_and_no_open_transaction(pub):
