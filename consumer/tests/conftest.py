@@ -1,4 +1,3 @@
-import textwrap
 
 import pytest
 import yaml
@@ -31,21 +30,3 @@ def project(tmp_path):
     path.write_text(yaml.safe_dump(config))
     return {"root": root, "config_path": path, "config": config, "tmp": tmp_path, "secrets": secrets,
             "vars_file": vars_file}
-
-
-def write_config(project, **changes):
-    config = project["config"]
-    for dotted, value in changes.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    project["config_path"].write_text(yaml.safe_dump(config))
-    return project["config_path"]
-
-
-def dedent(text):
-    return textwrap.dedent(text).lstrip()
-
-

@@ -3,7 +3,19 @@ import pytest
 from cvmfs_publisher_consumer import cli
 from cvmfs_publisher_consumer.config import ConfigError, env_overrides, load
 
-from conftest import write_config
+import yaml
+
+
+def write_config(project, **changes):
+    config = project["config"]
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    project["config_path"].write_text(yaml.safe_dump(config))
+    return project["config_path"]
 
 
 def test_defaults_and_values(project):
