@@ -1,0 +1,355 @@
+"""cvmfs_sync against the local stack: real RGW, the cvmfs_server stand-in, real ansible for the operator's view."""
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers import run_module, run_playbook
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "devstack"))
+import standin  # noqa: E402  (the stand-in's read API: published revisions)
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync  # noqa: E402
+
+MODULE = "infn_cloud.cvmfs_publisher.cvmfs_sync"
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def tgz(members):
+    """A gzipped tar of {name: bytes | ('symlink', target) | ('dir',)}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple) and content[0] == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+                archive.addfile(info)
+            elif isinstance(content, tuple):
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+class Repo:
+    """One fresh repository (stand-in) and its bucket."""
+
+    def __init__(self, stack, s3, short, tmp_path):
+        self.stack, self.s3, self.short = stack, s3, short
+        self.fqrn = "%s.infn.it" % short
+        self.root = stack["CVMFS_STANDIN_ROOT"]
+        self.bin = stack["CVMFS_SERVER_BIN"]
+        keys = tmp_path / "keys"
+        keys.mkdir()
+        for suffix in ("crt", "pub", "gw"):
+            (keys / ("%s.%s" % (self.fqrn, suffix))).write_text("stand-in key\n")
+        self.cvmfs("mkfs", "-w", "%s/%s" % (stack["CVMFS_STRATUM0_URL"], self.fqrn),
+                   "-u", "gw,/srv/cvmfs/%s/data/txn,%s" % (self.fqrn, stack["CVMFS_GATEWAY_URL"]),
+                   "-k", str(keys), "-o", "root", self.fqrn)
+        s3.create_bucket(Bucket=short)
+        self.state_file = Path(self.root) / "var/lib/cvmfs-publisher/state" / (self.fqrn + ".json")
+
+    def cvmfs(self, *args, check=True):
+        return subprocess.run([self.bin, *args], capture_output=True, text=True, check=check)
+
+    def put(self, key, data):
+        self.s3.put_object(Bucket=self.short, Key=key, Body=data)
+
+    def put_many(self, objects):
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda item: self.put(*item), objects.items()))
+
+    def delete(self, key):
+        self.s3.delete_object(Bucket=self.short, Key=key)
+
+    def args(self, **extra):
+        args = {
+            "repository": self.fqrn,
+            "endpoint_url": "{{ cvmfs_publisher_rgw_endpoint }}",
+            "access_key_file": "{{ cvmfs_publisher_rgw_access_key_file }}",
+            "secret_key_file": "{{ cvmfs_publisher_rgw_secret_key_file }}",
+            "cvmfs_server_bin": "{{ cvmfs_publisher_cvmfs_server_bin }}",
+            "cvmfs_root": "{{ cvmfs_publisher_cvmfs_root }}",
+        }
+        args.update(extra)
+        return args
+
+    def sync(self, check=False, diff=False, **extra):
+        rc, result = run_module(MODULE, self.args(**extra), check=check, diff=diff)
+        assert rc == 0 and not result.get("failed"), json.dumps(result, indent=1)[-4000:]
+        return result
+
+    def params(self, **extra):
+        """Module parameters for direct calls to _sync.sync (fault injection)."""
+        params = {name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()}
+        params.update(repository=self.fqrn, endpoint_url=self.stack["RGW_ENDPOINT"], region="default",
+                      access_key_file=self.stack["RGW_ACCESS_KEY_FILE"],
+                      secret_key_file=self.stack["RGW_SECRET_KEY_FILE"], cvmfs_server_bin=self.bin,
+                      cvmfs_root=self.root)
+        params.update(extra)
+        return params
+
+    def tree(self, rev=None):
+        return standin.published_tree(self.root, self.fqrn, rev)
+
+    def files(self):
+        """{path: sha256} of the published regular files."""
+        return {p: v for p, v in self.tree().items() if v != "dir" and not v.startswith("link:")}
+
+    def revision(self):
+        return standin.current_revision(self.root, self.fqrn)
+
+    def in_transaction(self):
+        return standin.in_transaction(self.root, self.fqrn)
+
+
+@pytest.fixture
+def repo(stack, s3, unique_name, tmp_path):
+    return Repo(stack, s3, unique_name, tmp_path)
+
+
+def test_nested_tree_updates_and_deletes_then_nothing_to_do(repo):
+    repo.put_many({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/sibling": b"sib",
+                   "cvmfs/x/only": b"only", "cvmfs/": b"", "cvmfs/emptydir/": b"", "outside/ignored": b"no"})
+    first = repo.sync()
+    assert first["changed"] and first["mode"] == "full" and "state_rebuilt" in first
+    assert (first["added"], first["updated"], first["deleted"], first["refused"]) == (4, 0, 0, 0)
+    assert first["bytes_downloaded"] == len(b"topdeepsibonly") and first["objects_downloaded"] == 4
+    assert first["revision"] == repo.revision() == 1
+    assert set(first["durations"]) == {"plan", "download", "transaction"}
+    assert repo.files() == {"top": sha(b"top"), "a/b/c/deep": sha(b"deep"), "a/b/sibling": sha(b"sib"),
+                            "x/only": sha(b"only")}
+
+    repo.put("cvmfs/top", b"top v2")
+    repo.delete("cvmfs/a/b/c/deep")
+    repo.delete("cvmfs/x/only")
+    second = repo.sync(diff=True)
+    assert (second["added"], second["updated"], second["deleted"], second["unchanged"]) == (0, 1, 2, 1)
+    assert "state_rebuilt" not in second
+    assert repo.tree() == {"top": sha(b"top v2"), "a": "dir", "a/b": "dir", "a/b/sibling": sha(b"sib")}, \
+        "directories emptied by deletions are removed, the others kept"
+    assert "~ /top" in second["diff"]["prepared"] and "- /x/only" in second["diff"]["prepared"]
+
+    third = repo.sync()
+    assert not third["changed"] and third["revision"] is None and third["unchanged"] == 2
+    assert repo.revision() == 2, "nothing to do opens no transaction"
+
+
+def test_tarball_add_replace_and_remove_through_the_playbook(repo):
+    keys = ["cvmfs/sw/v1.tar.gz"]
+    repo.put("cvmfs/sw/v1.tar.gz", tgz({"bin/tool": b"tool 1", "share/old": b"old", "lib": ("dir",),
+                                        "bin/link": ("symlink", "tool")}))
+    run = run_playbook("sync_repository.yml", {"cvmfs_repository": repo.fqrn})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "1 added" in run.stdout
+    assert repo.tree() == {"sw": "dir", "sw/v1": "dir", "sw/v1/bin": "dir", "sw/v1/bin/tool": sha(b"tool 1"),
+                           "sw/v1/bin/link": "link:tool", "sw/v1/share": "dir", "sw/v1/share/old": sha(b"old"),
+                           "sw/v1/lib": "dir"}
+
+    repo.put("cvmfs/sw/v1.tar.gz", tgz({"bin/tool": b"tool 2"}))
+    extra = {"cvmfs_repository": repo.fqrn, "cvmfs_sync_mode": "changes", "cvmfs_sync_keys": keys + keys}
+    run = run_playbook("sync_repository.yml", extra)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert repo.tree() == {"sw": "dir", "sw/v1": "dir", "sw/v1/bin": "dir", "sw/v1/bin/tool": sha(b"tool 2")}, \
+        "the new tarball replaces the old content in one revision"
+
+    repo.delete("cvmfs/sw/v1.tar.gz")
+    run = run_playbook("sync_repository.yml", extra)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert repo.tree() == {}
+    again = run_playbook("sync_repository.yml", extra)
+    assert "changed=0" in again.stdout
+
+
+def test_more_than_one_page_of_objects_then_changes_mode(repo):
+    objects = {"cvmfs/many/%02d/obj-%04d" % (i % 20, i): b"content %d" % i for i in range(1500)}
+    repo.put_many(objects)
+    first = repo.sync(concurrency=32)
+    assert first["added"] == 1500 and first["objects_downloaded"] == 1500
+    assert len(first["paths"]["added"]) == 100, "reported paths are capped"
+    assert len(repo.files()) == 1500
+
+    repo.put("cvmfs/many/00/obj-0000", b"changed")
+    repo.delete("cvmfs/many/01/obj-0001")
+    repo.put("cvmfs/many/new", b"new")
+    touched = ["cvmfs/many/new", "cvmfs/many/01/obj-0001", "cvmfs/many/00/obj-0000", "cvmfs/many/new"]
+    second = repo.sync(mode="changes", keys=touched)
+    assert second["mode"] == "changes"
+    assert (second["added"], second["updated"], second["deleted"]) == (1, 1, 1)
+    assert second["objects_downloaded"] == 2
+    files = repo.files()
+    assert len(files) == 1500 and files["many/00/obj-0000"] == sha(b"changed") and "many/01/obj-0001" not in files
+
+    third = repo.sync()
+    assert not third["changed"] and third["unchanged"] == 1500
+
+
+def test_hostile_keys_and_tarballs_are_refused_and_reported(repo):
+    hostile = ["cvmfs/../escape", "cvmfs/.cvmfs/snapshots/x", "cvmfs/dir/.wh.gone", "cvmfs/a//b",
+               "cvmfs/ctl\x01char", "cvmfs/d/.cvmfsautocatalog"]
+    for key in hostile:
+        repo.put(key, b"evil")
+    repo.put("cvmfs/evil.tgz", tgz({"ok": b"fine", "../../outside": b"evil"}))
+    repo.put("cvmfs/link.tar.gz", tgz({"etc": ("symlink", "/etc")}))
+    repo.put("cvmfs/up.tgz", tgz({"a/b": ("symlink", "../../..")}))
+    repo.put("cvmfs/good", b"good")
+    result = repo.sync()
+    reasons = {item["key"]: item["reason"] for item in result["refused_objects"]}
+    listed = {key for key in hostile if key in reasons}
+    assert listed, "RGW kept none of the hostile keys"
+    for key in hostile:
+        # RGW may normalise some keys on upload; every hostile key it kept must be refused.
+        if key in reasons:
+            assert reasons[key]
+    assert "nothing of it published" in reasons["cvmfs/evil.tgz"] and "'..'" in reasons["cvmfs/evil.tgz"]
+    assert "absolute path" in reasons["cvmfs/link.tar.gz"]
+    assert "pointing outside" in reasons["cvmfs/up.tgz"]
+    assert result["refused"] == len(reasons) and result["added"] == 1
+    assert repo.tree() == {"good": sha(b"good")}
+    assert not (Path(repo.root) / "cvmfs" / "escape").exists()
+    again = repo.sync()
+    assert not again["changed"] and again["refused"] == result["refused"]
+
+
+def test_conflicting_paths_are_refused_not_fatal(repo):
+    repo.put("cvmfs/a", b"file a")
+    repo.sync()
+    repo.put("cvmfs/a/b", b"under a file")
+    result = repo.sync(mode="changes", keys=["cvmfs/a/b"])
+    assert result["refused_objects"] == [{"key": "cvmfs/a/b", "reason": "path 'a/b' conflicts with object 'cvmfs/a'"}]
+    assert repo.files() == {"a": sha(b"file a")}
+
+
+def test_object_deleted_between_listing_and_download(repo):
+    repo.put_many({"cvmfs/keep": b"keep", "cvmfs/vanishing": b"soon gone"})
+    import boto3  # noqa: F401  (the real client, wrapped)
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw
+    params = repo.params()
+    real = _rgw.connect(params, "s3")
+
+    class DeletesBeforeGet:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_object(self, Bucket, Key):
+            if Key == "cvmfs/vanishing":
+                real.delete_object(Bucket=Bucket, Key=Key)
+            return real.get_object(Bucket=Bucket, Key=Key)
+
+    result = _sync.sync(params, s3=DeletesBeforeGet())
+    assert result["changed"] and result["objects_downloaded"] == 1
+    assert repo.files() == {"keep": sha(b"keep")}
+    assert not repo.sync()["changed"], "the state does not remember the vanished object"
+
+
+def test_incomplete_multipart_upload_event_is_harmless(repo):
+    repo.s3.create_multipart_upload(Bucket=repo.short, Key="cvmfs/big")
+    result = repo.sync(mode="changes", keys=["cvmfs/big"])
+    assert not result["changed"] and result["added"] == 0 and repo.tree() == {}
+
+
+def publish_fails_wrapper(repo, tmp_path):
+    """A cvmfs_server that fails `publish` (exit 1) after the transaction was opened and written to."""
+    wrapper = tmp_path / "cvmfs_server_failing_publish"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = publish ]; then echo "Synchronization failed (injected)" >&2; '
+                       'exit 1; fi\nexec %s "$@"\n' % repo.bin)
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_failed_publish_aborts_and_keeps_the_previous_revision(repo, tmp_path):
+    repo.put("cvmfs/stable", b"v1")
+    repo.sync()
+    before, state_before = repo.tree(), repo.state_file.read_text()
+    repo.put("cvmfs/stable", b"v2")
+    repo.put("cvmfs/new/file", b"new")
+    rc, result = run_module(MODULE, repo.args(cvmfs_server_bin=publish_fails_wrapper(repo, tmp_path)))
+    assert rc != 0 and result["failed"]
+    assert "failed while publishing" in result["msg"] and "Synchronization failed (injected)" in result["msg"]
+    assert "transaction was aborted" in result["msg"]
+    assert not repo.in_transaction() and repo.tree() == before and repo.revision() == 1
+    assert repo.state_file.read_text() == state_before
+    assert not (Path(repo.root) / "cvmfs" / repo.fqrn / "new").exists(), "abort put back the published tree"
+    recovered = repo.sync()
+    assert recovered["updated"] == 1 and recovered["added"] == 1
+    assert repo.files() == {"stable": sha(b"v2"), "new/file": sha(b"new")}
+
+
+def test_failure_while_applying_names_the_object(repo, monkeypatch):
+    repo.put_many({"cvmfs/one": b"1", "cvmfs/two": b"2"})
+    real_place = _sync._place
+
+    def place(staged, target):
+        if target.endswith("/two"):
+            raise OSError(28, "No space left on device")
+        return real_place(staged, target)
+
+    monkeypatch.setattr(_sync, "_place", place)
+    with pytest.raises(_sync.SyncError) as failure:
+        _sync.sync(repo.params())
+    assert "applying cvmfs/two (/two): No space left on device" in failure.value.msg
+    assert failure.value.details["key"] == "cvmfs/two"
+    assert not repo.in_transaction() and repo.tree() == {} and repo.revision() == 0
+    assert not repo.state_file.exists()
+
+
+def test_check_mode_predicts_and_changes_nothing(repo):
+    repo.put_many({"cvmfs/a": b"a", "cvmfs/t.tgz": tgz({"f": b"f"}), "cvmfs/../bad": b"x"})
+    predicted = repo.sync(check=True, diff=True)
+    assert predicted["changed"] and predicted["added"] == 2 and predicted["refused"] == 1
+    assert predicted["bytes_downloaded"] == 0 and predicted["paths"]["added"] == ["a", "t"]
+    assert "+ /a" in predicted["diff"]["prepared"]
+    assert repo.revision() == 0 and repo.tree() == {} and not repo.state_file.exists()
+    done = repo.sync()
+    assert (done["added"], done["refused"]) == (predicted["added"], predicted["refused"])
+    assert not repo.sync(check=True)["changed"]
+
+
+def test_stale_transaction_is_aborted_first(repo):
+    repo.put("cvmfs/a", b"a")
+    repo.sync()
+    repo.cvmfs("transaction", repo.fqrn)
+    (Path(repo.root) / "cvmfs" / repo.fqrn / "junk").write_text("left by a crash")
+    refused = run_module(MODULE, repo.args(abort_stale_transaction=False))[1]
+    assert refused["failed"] and "already in a transaction" in refused["msg"]
+    result = repo.sync()
+    assert result["stale_transaction_aborted"] and not repo.in_transaction()
+    assert repo.files() == {"a": sha(b"a")}
+
+
+def test_lost_or_corrupt_state_costs_a_recheck_not_a_wrong_repository(repo):
+    repo.put_many({"cvmfs/a": b"a", "cvmfs/d/b": b"b", "cvmfs/t.tgz": tgz({"f": b"f"})})
+    repo.sync()
+    repo.state_file.write_text('{"version": 1, "objects": {"cvmfs/a": ["bogus"')
+    repo.put("cvmfs/d/b", b"b changed")
+    repo.delete("cvmfs/a")
+    result = repo.sync(mode="changes", keys=["cvmfs/d/b"])
+    assert result["mode"] == "full" and "not valid JSON" in result["state_rebuilt"]
+    assert repo.files() == {"d/b": sha(b"b changed"), "t/f": sha(b"f")}, "the deletion is found without state"
+    assert not repo.sync()["changed"]
+
+    repo.state_file.unlink()
+    rebuilt = repo.sync()
+    assert rebuilt["unchanged"] == 1 and rebuilt["updated"] == 0, "verified by size and MD5, not re-downloaded"
+    assert rebuilt["added"] == 1, "a tarball cannot be verified without state: re-ingested"
+    assert repo.files() == {"d/b": sha(b"b changed"), "t/f": sha(b"f")}
+
+
+def test_files_are_world_readable(repo):
+    repo.put("cvmfs/r", b"r")
+    repo.sync()
+    mode = standin.published_manifest(repo.root, repo.fqrn)["r"]["mode"]
+    assert int(str(mode), 8) & stat.S_IROTH if isinstance(mode, str) else mode & stat.S_IROTH
