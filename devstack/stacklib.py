@@ -237,10 +237,10 @@ class State:
         return proc
 
 
-def run(argv, what, env=None, timeout=60, input_text=None):
+def run(argv, what, env=None, timeout=60):
     """Run a short command; on failure raise StackError with its output (never used for commands printing secrets)."""
     try:
-        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, input=input_text)
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StackError("%s: `%s` did not finish within %d s" % (what, " ".join(argv[:3]), timeout))
     if result.returncode != 0:
@@ -249,13 +249,22 @@ def run(argv, what, env=None, timeout=60, input_text=None):
     return result.stdout
 
 
+class Aborted(StackError):
+    """Another part of `up` failed: this one stops waiting (and reports nothing of its own)."""
+
+
+ABORT = threading.Event()
+
+
 def wait_until(check, what, log_hint, timeout=START_TIMEOUT, procs=()):
-    """Poll check() until it returns a true value; fail early if one of procs died."""
+    """Poll check() until it returns a true value; fail early if one of procs died or another start failed."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
+        if ABORT.is_set():
+            raise Aborted("%s: start abandoned" % what)
         for proc in procs:
             if proc.poll() is not None:
                 raise StackError("%s exited with code %s while starting; see %s" % (what, proc.returncode, log_hint))
@@ -514,6 +523,7 @@ class Starter:
         self.layout = layout
         self.state = state
         self.ceph_env = dict(os.environ, CEPH_CONF=layout.ceph_conf)
+        self.durations = {}  # service -> seconds until it answered (shown by `up`)
 
     def log_hint(self, *names):
         return " and ".join(self.layout.path(*name.split("/")) for name in names)
@@ -633,14 +643,20 @@ class Starter:
 
     def start_all(self):
         errors = {}
+        started = time.monotonic()
 
         def guarded(name, func):
             try:
                 func()
+                self.durations[name] = time.monotonic() - started
+            except Aborted:
+                pass
             except StackError as exc:
                 errors[name] = str(exc)
+                ABORT.set()
             except Exception as exc:  # an unexpected failure still has to stop what was started
                 errors[name] = "%s: %s" % (type(exc).__name__, exc)
+                ABORT.set()
 
         threads = [threading.Thread(target=guarded, args=(name, func)) for name, func in
                    (("Ceph", self.start_ceph), ("RabbitMQ", self.start_rabbitmq), ("OpenBao", self.start_openbao))]
@@ -692,16 +708,19 @@ def cmd_up(layout, args):
     with open(layout.cvmfs_server_bin, "w") as handle:
         handle.write(wrapper_text(layout))
     os.chmod(layout.cvmfs_server_bin, 0o755)
+    starter = Starter(layout, state)
     try:
-        Starter(layout, state).start_all()
+        starter.start_all()
     except BaseException:
-        stop_processes(layout, state)
+        stop_processes(layout, state, graceful=False)
         raise
     with open(layout.vars_file, "w") as handle:
         handle.write(vars_yaml(layout))
     state.data["ready"] = True
     state.save()
-    print("stack up in %s (port base %d) in %.1f s" % (layout.dir, layout.port_base, time.monotonic() - started))
+    print("stack up in %s (port base %d) in %.1f s (%s)" % (
+        layout.dir, layout.port_base, time.monotonic() - started,
+        ", ".join("%s %.1f s" % item for item in sorted(starter.durations.items()))))
     print_status(layout, state)
     return 0
 
@@ -725,7 +744,9 @@ def _wait_dead(records, timeout):
     return [r for r in records if is_alive(r)]
 
 
-def stop_processes(layout, state):
+def stop_processes(layout, state, graceful=True):
+    """Stop the recorded processes by PID. graceful=False (a failed `up`): SIGKILL the broker instead of a
+    `rabbitmqctl stop` that would wait for a half-booted node."""
     procs = state.processes
     # SIGKILL: memstore would otherwise spend time dumping its data to disk.
     _signal(procs.get("radosgw"), signal.SIGKILL)
@@ -733,10 +754,14 @@ def stop_processes(layout, state):
     _signal(procs.get("ceph-mon"), signal.SIGTERM)
     _signal(procs.get("openbao"), signal.SIGTERM)
     broker = procs.get("rabbitmq")
-    if is_alive(broker):
-        subprocess.run([RABBITMQCTL, "stop"], env=rabbitmq_env(layout), capture_output=True, timeout=30)
-        _signal(broker, signal.SIGTERM)  # if rabbitmqctl could not reach it, the VM stops cleanly on SIGTERM too
+    if graceful and is_alive(broker):
+        try:
+            subprocess.run([RABBITMQCTL, "stop"], env=rabbitmq_env(layout), capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
         _wait_dead([broker], 10)
+    # epmd last: rabbitmqctl needs it to find the node
+    _signal(broker, signal.SIGTERM if graceful else signal.SIGKILL)
     _signal(procs.get("epmd"), signal.SIGTERM)
     records = [r for r in procs.values() if r]
     for record in _wait_dead(records, 10):
@@ -904,6 +929,9 @@ def main(argv=None):
     except StackError as exc:
         print("devstack/stack %s: error: %s" % (args.command, exc), file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `devstack/stack up | head -1`: the work is done, only the output was cut
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
