@@ -135,7 +135,9 @@ def test_discovery_lists_valid_repositories(tmp_path):
     (tmp_path / "alice.infn.it").mkdir()
     (tmp_path / "not a repo").mkdir()
     (tmp_path / "file.infn.it").write_text("")
-    assert discover_repositories(str(tmp_path)) == {"alice": "alice.infn.it"}
+    (tmp_path / "bob.example.org").mkdir()
+    assert discover_repositories(str(tmp_path), ["*.infn.it"]) == {"alice": "alice.infn.it"}
+    assert len(discover_repositories(str(tmp_path))) == 2
     assert discover_repositories(str(tmp_path / "missing")) == {}
 
 
@@ -218,7 +220,7 @@ def test_failed_run_is_retried_with_attempts_then_dead_lettered(daemon):
 
 def test_a_retry_copy_waits_for_its_time(daemon):
     daemon.broker.deliver("alice", event("cvmfs/a"), headers={amqp.ATTEMPTS_HEADER: 1,
-                                                              amqp.NOT_BEFORE_HEADER: 1030.0})
+                                                              amqp.NOT_BEFORE_HEADER: 1030000})
     daemon._start_ready()
     assert daemon.runner.runs == []
     daemon.clock_value[0] = 1030.0

@@ -15,7 +15,7 @@ import pika
 import pika.exceptions
 
 ATTEMPTS_HEADER = "x-cvmfs-publisher-attempts"
-NOT_BEFORE_HEADER = "x-cvmfs-publisher-not-before"
+NOT_BEFORE_HEADER = "x-cvmfs-publisher-not-before-ms"  # epoch milliseconds (AMQP tables have no float)
 REASON_HEADER = "x-cvmfs-publisher-reason"
 ORIGIN_HEADER = "x-cvmfs-publisher-queue"
 DEAD_LETTERED_AT_HEADER = "x-cvmfs-publisher-dead-lettered-at"
@@ -58,7 +58,7 @@ def attempts_of(properties) -> int:
 
 def not_before_of(properties) -> float:
     try:
-        return float(header(properties, NOT_BEFORE_HEADER, 0.0))
+        return int(header(properties, NOT_BEFORE_HEADER, 0)) / 1000.0
     except (TypeError, ValueError):
         return 0.0
 
@@ -245,7 +245,7 @@ class Broker:
 
     def retry_later(self, delivery: Delivery, attempts: int, not_before: float) -> bool:
         """Put a copy carrying the attempt count back on the queue, then ack the original."""
-        headers = {ATTEMPTS_HEADER: attempts, NOT_BEFORE_HEADER: round(not_before, 3)}
+        headers = {ATTEMPTS_HEADER: attempts, NOT_BEFORE_HEADER: int(not_before * 1000)}
         if self._publish_copy(delivery, delivery.queue, headers):
             return self.ack(delivery)
         return self.requeue(delivery)

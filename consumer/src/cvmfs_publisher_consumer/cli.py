@@ -40,7 +40,8 @@ def cmd_status(config, args) -> int:
     from .daemon import discover_repositories, queue_depths
     status = StatusFile.read(config["state_dir"]) or {}
     known = status.get("repositories", {})
-    repositories = sorted(set(known) | set(discover_repositories(config["repositories.config_dir"]).values()))
+    repositories = sorted(set(known) | set(discover_repositories(config["repositories.config_dir"],
+                                                                      config["repositories.include"]).values()))
     queues = [config["queues.publisher"], config["queues.dead_letter"]] + [r.split(".", 1)[0] for r in repositories]
     rc = 0
     try:

@@ -73,6 +73,7 @@ FIELDS: Dict[str, Field] = {
     "queues.publisher_prefetch": Field(int, 10, _positive),
     "queues.sync_prefetch": Field(int, 1000, _positive),
     "repositories.config_dir": Field(str, "/etc/cvmfs/repositories.d"),
+    "repositories.include": Field(list, ["*"], doc="shell patterns of the fqrns this daemon consumes"),
     "repositories.rescan_interval": Field(float, 60.0, _not_negative),
     "repositories.prefix": Field(str, "cvmfs/"),
     "repositories.domain": Field(str, "", doc="if set, provisioning accepts only <name>.<domain>"),
@@ -188,6 +189,10 @@ def _check_relations(values):
         path = os.path.join(values["ansible.project_dir"], values[key])
         if not os.path.isfile(path):
             raise ConfigError("%s: playbook %r not found" % (key, path))
+    for index, pattern in enumerate(values["repositories.include"]):
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError("repositories.include[%d]: expected a shell pattern such as '*.infn.it', got %r"
+                              % (index, pattern))
     for index, path in enumerate(values["ansible.extravars_files"]):
         if not isinstance(path, str) or not os.path.isfile(path):
             raise ConfigError("ansible.extravars_files[%d]: %r is not a file" % (index, path))

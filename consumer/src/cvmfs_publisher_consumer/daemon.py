@@ -4,6 +4,7 @@ Threads: the main thread is the I/O thread (pika BlockingConnection, the schedul
 a pool of ``sync.max_parallel`` workers runs playbooks and hands results back through ``self._results``.
 Nothing but the I/O thread touches the broker or the scheduler, so neither needs a lock.
 """
+import fnmatch
 import logging
 import os
 import queue
@@ -29,17 +30,20 @@ PUBLISHER = "publisher"   # metrics label of the provisioning queue
 REPOSITORY = "repository"
 
 
-def discover_repositories(config_dir: str) -> Dict[str, str]:
-    """short name -> fqrn of the repositories provisioned on this host (``repositories.d`` entries)."""
+def discover_repositories(config_dir: str, include=("*",)) -> Dict[str, str]:
+    """short name -> fqrn of the repositories provisioned on this host (``repositories.d`` entries) that match
+    one of the ``include`` patterns."""
     found = {}
     try:
         names = sorted(os.listdir(config_dir))
+    except FileNotFoundError:
+        return found  # no repository created on this host yet
     except OSError as exc:
         log.warning("cannot list repositories in %s: %s", config_dir, exc.strerror,
                     extra=fields(event="discovery_failed"))
         return found
     for name in names:
-        if not os.path.isdir(os.path.join(config_dir, name)):
+        if not os.path.isdir(os.path.join(config_dir, name)) or not _included(name, include):
             continue
         try:
             found[short_name(validate_fqrn(name))] = name
@@ -51,6 +55,10 @@ def discover_repositories(config_dir: str) -> Dict[str, str]:
 def known_secrets(config: Config):
     """Every secret the daemon can know of, to scrub from logs and kept runs: never logged themselves."""
     return [read_secret(config["amqp.password_file"])] + secret_values(config["ansible.extravars_files"])
+
+
+def _included(fqrn: str, include) -> bool:
+    return any(fnmatch.fnmatchcase(fqrn, pattern) for pattern in include)
 
 
 class Daemon:
@@ -193,7 +201,8 @@ class Daemon:
             return
         interval = self.config["repositories.rescan_interval"]
         self._next_rescan = now + interval if interval else float("inf")
-        for short, fqrn in discover_repositories(self.config["repositories.config_dir"]).items():
+        found = discover_repositories(self.config["repositories.config_dir"], self.config["repositories.include"])
+        for short, fqrn in found.items():
             self._subscribe(short, fqrn)
         self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
 
@@ -313,7 +322,13 @@ class Daemon:
             timeout = 0.0
             self._in_flight -= 1
             self.metrics.runs_in_progress.dec()
-            self._settle(batch, result)
+            try:
+                self._settle(batch, result)
+            except amqp.CONNECTION_ERRORS:
+                raise
+            except Exception:  # noqa: BLE001 -- a bug here must not stop the daemon; the broker redelivers
+                log.exception("could not settle the %s run of %s", batch.mode, batch.lane,
+                              extra=fields(event="settle_failed", repository=batch.lane))
 
     def _settle(self, batch: Batch, result: RunResult):
         now = self.clock()
@@ -328,7 +343,7 @@ class Daemon:
             self._acknowledge(batch, label)
             if batch.mode == PROVISION:
                 self.status.provisioned(batch.lane)
-                if self.broker.is_open:
+                if self.broker.is_open and _included(batch.lane, self.config["repositories.include"]):
                     self._subscribe(short_name(batch.lane), batch.lane)
             else:
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
