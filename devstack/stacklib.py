@@ -433,8 +433,9 @@ def wrapper_text(layout):
     return """#!/bin/sh
 # cvmfs_server stand-in of this local stack (see devstack/cvmfs_server): production uses the real cvmfs_server.
 export CVMFS_STANDIN_ROOT='{root}'
-exec python3 '{prog}' "$@"
-""".format(root=layout.cvmfs_root, prog=os.path.join(REPO_ROOT, "devstack", "cvmfs_server"))
+exec '{python}' '{prog}' "$@"
+""".format(root=layout.cvmfs_root, python=sys.executable,
+           prog=os.path.join(REPO_ROOT, "devstack", "cvmfs_server"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
