@@ -348,6 +348,11 @@ class Daemon:
             else:
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
                 self.metrics.last_publish.labels(batch.lane).set(now)
+        elif self._cancel_runs and result.outcome == "canceled":
+            log.warning("run interrupted by the shutdown: %s %s; its messages go back to the queue", batch.mode,
+                        batch.lane, extra=fields(event="run_interrupted", **log_fields))
+            for message in batch.messages:
+                self.broker.requeue(message.ref)
         else:
             log.error("run failed: %s %s: %s", batch.mode, batch.lane, result.error,
                       extra=fields(event="run_failed", error=result.error, kept=result.kept, **log_fields))
@@ -361,10 +366,6 @@ class Daemon:
                 self.metrics.acked.labels(label).inc()
 
     def _retry_or_dead_letter(self, batch: Batch, result: RunResult, label: str, now: float):
-        if self._cancel_runs:
-            for message in batch.messages:
-                self.broker.requeue(message.ref)  # interrupted by shutdown: not a failure of the message
-            return
         for message in batch.messages:
             decision = self.retry.after_failure(message, now)
             if decision.action == "dead-letter":
