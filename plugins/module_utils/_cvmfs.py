@@ -103,6 +103,24 @@ def default_txn_dir(fqrn):
     return DEFAULT_TXN_DIR.format(fqrn=fqrn)
 
 
+def _strip_shell_comment(line):
+    """``line`` without its comment: as in a shell, ``#`` starts one only outside quotes and at a word's start."""
+    quote = None
+    escaped = False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
+
+
 def parse_server_conf(text):
     """The KEY=value assignments of a shell configuration file (server.conf) as a dict.
 
@@ -112,7 +130,7 @@ def parse_server_conf(text):
     values = {}
     for line in text.splitlines():
         try:
-            words = shlex.split(line, comments=True)
+            words = shlex.split(_strip_shell_comment(line))
         except ValueError:  # unbalanced quote: not a line cvmfs_server writes; skip rather than guess
             continue
         if words and words[0] == "export":

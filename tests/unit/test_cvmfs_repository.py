@@ -86,6 +86,8 @@ def test_parse_server_conf_reads_shell_assignments():
         CVMFS_UPSTREAM_STORAGE='gw,/srv/txn,http://gw:4929/api/v1'
         CVMFS_EMPTY=
         CVMFS_SPACES="a b  c"
+        CVMFS_HASH=http://h/x#frag # a '#' inside a word is not a comment
+        CVMFS_QUOTED_HASH="a # b" # but this one is
         not an assignment
         BROKEN="unbalanced
         1BAD=x
@@ -97,6 +99,8 @@ def test_parse_server_conf_reads_shell_assignments():
         "CVMFS_UPSTREAM_STORAGE": "gw,/srv/txn,http://gw:4929/api/v1",
         "CVMFS_EMPTY": "",
         "CVMFS_SPACES": "a b  c",
+        "CVMFS_HASH": "http://h/x#frag",
+        "CVMFS_QUOTED_HASH": "a # b",
     }
 
 
