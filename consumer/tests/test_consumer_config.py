@@ -93,3 +93,13 @@ def test_bad_configuration_exits_non_zero(project, capsys):
     path = write_config(project, **{"amqp.port": "x"})
     assert cli.main(["-c", str(path), "run"]) == cli.EXIT_CONFIG
     assert "invalid configuration: amqp.port: expected int" in capsys.readouterr().err
+
+
+def test_the_example_configuration_is_valid():
+    import os
+
+    from cvmfs_publisher_consumer.config import validate
+    example = os.path.join(os.path.dirname(__file__), "..", "config.example.yml")
+    with open(example) as handle:
+        values = validate(yaml.safe_load(handle), check_files=False)
+    assert values["queues.sync_prefetch"] == 1000 and values["repositories.include"] == ["*.infn.it"]

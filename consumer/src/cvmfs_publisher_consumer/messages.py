@@ -98,13 +98,18 @@ def parse_provision(body: bytes, domain: str = "") -> ProvisionRequest:
                        "got %r" % kind)
 
 
-def _parse_provision_json(text, domain) -> ProvisionRequest:
+def _json_object(text: str, what: str, shape: str) -> dict:
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise MessageError("provisioning message is not valid JSON: %s" % exc) from None
+        raise MessageError("%s is not valid JSON: %s" % (what, exc)) from None
     if not isinstance(data, dict):
-        raise MessageError("provisioning message must be a JSON object")
+        raise MessageError("%s must be %s" % (what, shape))
+    return data
+
+
+def _parse_provision_json(text, domain) -> ProvisionRequest:
+    data = _json_object(text, "provisioning message", "a JSON object")
     if data.get("version") != 1:
         raise MessageError("provisioning message: unsupported version %r (this daemon reads version 1)"
                            % data.get("version"))
@@ -141,13 +146,7 @@ class ObjectEvent:
 def parse_s3_event(body: bytes) -> List[ObjectEvent]:
     """RGW's ``{"Records":[…]}`` (raw keys, numeric sizes, no ``s3:`` prefix) and AWS's form
     (``s3:`` prefix, URL-encoded keys with '+' for space, sizes as strings). An AWS ``s3:TestEvent`` gives []."""
-    text = _decode_text(body)
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise MessageError("event is not valid JSON: %s" % exc) from None
-    if not isinstance(data, dict):
-        raise MessageError("event must be a JSON object with a Records list")
+    data = _json_object(_decode_text(body), "event", "a JSON object with a Records list")
     if data.get("Event") == "s3:TestEvent":
         return []
     records = data.get("Records")
