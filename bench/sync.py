@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Benchmark of the sync engine (cvmfs_sync) against rclone and the AWS CLI on the same RGW bucket.
+
+    DEVSTACK_DIR=... DEVSTACK_PORT_BASE=... .venv/bin/python bench/sync.py [--small] [--concurrency 16]
+
+Uses the stack in $DEVSTACK_DIR when it is up, else starts one there and stops it at the end. Prints figures as
+it goes and ends with one line of JSON holding all of them. Never asserts a time: goals are reported, not enforced.
+
+Our runs call the engine (plugins/module_utils/_sync.py) in a child Python process, so its start-up and imports
+count like rclone's and the AWS CLI's, and its peak RSS can be read; ansible's own start-up (a few seconds per
+task) is not included. The AWS CLI is `$AWS_CLI`, else `aws` on PATH; without it that comparison is skipped.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / ".build" / "collections"))
+STACK = str(REPO_ROOT / "devstack" / "stack")
+PREFIX = "cvmfs/"
+
+
+def log(text):
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stack, buckets and repositories
+
+
+def stack_env():
+    proc = subprocess.run([STACK, "env", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def ensure_stack():
+    """(env, started_here)"""
+    if subprocess.run([STACK, "status"], capture_output=True).returncode == 0:
+        return stack_env(), False
+    log("starting a local stack in %s" % os.environ.get("DEVSTACK_DIR", "(default)"))
+    subprocess.run([STACK, "up"], check=True, stdout=subprocess.DEVNULL)
+    return stack_env(), True
+
+
+def s3_client(env, pool=64):
+    import boto3
+    import botocore.config
+    return boto3.client(
+        "s3", endpoint_url=env["RGW_ENDPOINT"], region_name=env["RGW_REGION"],
+        aws_access_key_id=Path(env["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+        aws_secret_access_key=Path(env["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+        config=botocore.config.Config(max_pool_connections=pool, request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required",
+                                      retries={"mode": "standard", "max_attempts": 5}))
+
+
+def fill_bucket(s3, bucket, count, size, name="obj", salt=b""):
+    """count objects of size bytes under cvmfs/, spread over 100 folders; returns their keys."""
+    keys = ["%sd%02d/%s-%06d" % (PREFIX, i % 100, name, i) for i in range(count)]
+
+    def put(key):
+        body = (hashlib.sha256(key.encode() + salt).digest() * (size // 32 + 1))[:size]
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(put, keys))
+    return keys
+
+
+class Repository:
+    """A stand-in repository for a bucket, with its own state and staging folders."""
+
+    def __init__(self, env, short, workdir):
+        self.env, self.short, self.fqrn = env, short, "%s.bench.org" % short
+        keys = Path(workdir) / ("keys-" + short)
+        keys.mkdir(parents=True)
+        for suffix in ("crt", "pub", "gw"):
+            (keys / ("%s.%s" % (self.fqrn, suffix))).write_text("stand-in key\n")
+        subprocess.run([env["CVMFS_SERVER_BIN"], "mkfs", "-w", "%s/%s" % (env["CVMFS_STRATUM0_URL"], self.fqrn),
+                        "-u", "gw,/tmp/txn,%s" % env["CVMFS_GATEWAY_URL"], "-k", str(keys), "-o", "root",
+                        self.fqrn], check=True, stdout=subprocess.DEVNULL)
+        self.state_dir = str(Path(workdir) / ("state-" + short))
+
+    def params(self, concurrency, **extra):
+        params = dict(repository=self.fqrn, bucket=self.short, prefix=PREFIX, mode="full", keys=[],
+                      tarballs=True, concurrency=concurrency, state_dir=self.state_dir, staging_dir=None,
+                      abort_stale_transaction=True, transaction_retries=5, max_reported_paths=10,
+                      endpoint_url=self.env["RGW_ENDPOINT"], region=self.env["RGW_REGION"],
+                      access_key_file=self.env["RGW_ACCESS_KEY_FILE"],
+                      secret_key_file=self.env["RGW_SECRET_KEY_FILE"],
+                      cvmfs_server_bin=self.env["CVMFS_SERVER_BIN"], cvmfs_root=self.env["CVMFS_STANDIN_ROOT"])
+        params.update(extra)
+        return params
+
+    def sync(self, concurrency, **extra):
+        """Run the engine in a child process: (seconds, result, peak RSS in MB)."""
+        return timed_engine(self.params(concurrency, **extra))
+
+
+def timed_engine(params):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, __file__, "--engine-run", json.dumps(params)], capture_output=True,
+                          text=True)
+    elapsed = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError("engine run failed:\n%s%s" % (proc.stdout[-3000:], proc.stderr[-3000:]))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return elapsed, out["result"], out["max_rss_mb"]
+
+
+def engine_run(params_json):
+    """Child process: one sync; prints {"result", "max_rss_mb"}."""
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
+    result = _sync.sync(json.loads(params_json))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"result": result, "max_rss_mb": round(rss_mb, 1)}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The other tools
+
+
+def rclone_env(env):
+    # rclone's AWS SDK cannot use AWS_CA_BUNDLE with its own HTTP transport ("LoadCustomCABundleError").
+    out = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    out.update({
+        "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Ceph",
+        "RCLONE_CONFIG_BENCH_ENDPOINT": env["RGW_ENDPOINT"], "RCLONE_CONFIG_BENCH_REGION": env["RGW_REGION"],
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": Path(env["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": Path(env["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+        "RCLONE_CONFIG": "/dev/null",
+    })
+    return out
+
+
+def rclone(env, command, bucket, dest, concurrency, *flags):
+    start = time.monotonic()
+    subprocess.run(["rclone", command, "bench:%s/%s" % (bucket, PREFIX), dest, "--transfers", str(concurrency),
+                    "--checkers", str(concurrency), *flags], env=rclone_env(env), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.monotonic() - start
+
+
+def aws_cli():
+    return os.environ.get("AWS_CLI") or shutil.which("aws")
+
+
+def aws_sync(env, bucket, dest, concurrency, workdir):
+    config = Path(workdir) / "aws-config"
+    config.write_text("[default]\nregion = %s\ns3 =\n  max_concurrent_requests = %d\n" % (env["RGW_REGION"],
+                                                                                       concurrency))
+    cli_env = dict(os.environ, AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+                   AWS_ACCESS_KEY_ID=Path(env["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+                   AWS_SECRET_ACCESS_KEY=Path(env["RGW_SECRET_KEY_FILE"]).read_text().strip())
+    start = time.monotonic()
+    subprocess.run([aws_cli(), "s3", "sync", "--only-show-errors", "--endpoint-url", env["RGW_ENDPOINT"],
+                    "s3://%s/%s" % (bucket, PREFIX), dest], env=cli_env, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenarios
+
+
+def full_copy(env, s3, workdir, short, count, size, concurrency, figures, label):
+    s3.create_bucket(Bucket=short)
+    start = time.monotonic()
+    fill_bucket(s3, short, count, size)
+    log("[%s] uploaded %d x %d bytes in %.1f s" % (label, count, size, time.monotonic() - start))
+    repo = Repository(env, short, workdir)
+    ours, result, rss = repo.sync(concurrency)
+    assert result["added"] == count, result  # a correctness check, not a timing one
+    row = {"ours_s": round(ours, 2), "ours_download_s": result["durations"]["download"],
+           "ours_transaction_s": result["durations"]["transaction"], "ours_rss_mb": rss}
+    row["rclone_copy_s"] = round(rclone(env, "copy", short, tempfile.mkdtemp(dir=workdir), concurrency), 2)
+    row["ratio_vs_rclone"] = round(ours / row["rclone_copy_s"], 2)
+    if aws_cli():
+        row["aws_s3_sync_s"] = round(aws_sync(env, short, tempfile.mkdtemp(dir=workdir), concurrency, workdir), 2)
+        row["ratio_vs_aws"] = round(ours / row["aws_s3_sync_s"], 2)
+    log("[%s] ours %.2f s (download %.2f, transaction %.2f), rclone copy %.2f s, aws s3 sync %s s -> %.2fx rclone"
+        % (label, ours, row["ours_download_s"], row["ours_transaction_s"], row["rclone_copy_s"],
+           row.get("aws_s3_sync_s", "n/a"), row["ratio_vs_rclone"]))
+    figures[label] = row
+    return repo
+
+
+def no_change(env, repo, workdir, concurrency, figures):
+    mirror = tempfile.mkdtemp(dir=workdir)
+    rclone(env, "copy", repo.short, mirror, concurrency)
+    ours, result, _ = repo.sync(concurrency)
+    assert not result["changed"], result
+    default = rclone(env, "sync", repo.short, mirror, concurrency)
+    size_only = rclone(env, "sync", repo.short, mirror, concurrency, "--size-only")
+    row = {"ours_s": round(ours, 2), "ours_plan_s": result["durations"]["plan"],
+           "rclone_sync_default_s": round(default, 2), "rclone_sync_size_only_s": round(size_only, 2),
+           "ratio_vs_faster_rclone": round(ours / min(default, size_only), 2)}
+    log("[no-change 10k] ours %.2f s (list+plan %.2f), rclone sync %.2f s, --size-only %.2f s -> %.2fx the faster"
+        % (ours, row["ours_plan_s"], default, size_only, row["ratio_vs_faster_rclone"]))
+    figures["no_change_full_10k"] = row
+
+
+def change_some(s3, bucket, keys, salt):
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=salt + key.encode()), keys))
+
+
+def one_percent(env, s3, repo, keys, concurrency, figures):
+    changed = keys[::100]
+    change_some(s3, repo.short, changed, b"one percent ")
+    ours, result, _ = repo.sync(concurrency)
+    row = {"ours_s": round(ours, 2), "changed_objects": len(changed),
+           "objects_downloaded": result["objects_downloaded"], "updated": result["updated"],
+           "exactly_the_changed_ones": result["objects_downloaded"] == len(changed) == result["updated"]}
+    log("[1%% changed of %d] ours %.2f s, downloaded %d objects for %d changed"
+        % (len(keys), ours, result["objects_downloaded"], len(changed)))
+    figures["one_percent_full"] = row
+
+
+def changes_mode(env, s3, repo, keys, concurrency, label, figures):
+    touched = keys[5::len(keys) // 10][:10]
+    change_some(s3, repo.short, touched, b"changes mode ")
+    ours, result, _ = repo.sync(concurrency, mode="changes", keys=touched)
+    assert result["mode"] == "changes" and result["updated"] == len(touched), result
+    figures[label] = {"ours_s": round(ours, 2), "plan_s": result["durations"]["plan"],
+                      "transaction_s": result["durations"]["transaction"], "touched": len(touched)}
+    log("[%s] ours %.2f s (plan %.3f, transaction %.3f)" % (label, ours, result["durations"]["plan"],
+                                                            result["durations"]["transaction"]))
+
+
+def rss_listing(env, s3, workdir, short, count, concurrency, figures):
+    """Peak RSS of a full reconcile of `count` objects whose state says they are all published (so the run
+    lists, compares and finds nothing to do, as a periodic full reconcile does)."""
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
+    s3.create_bucket(Bucket=short)
+    start = time.monotonic()
+    keys = fill_bucket(s3, short, count, 0, name="empty")
+    log("[rss] uploaded %d empty objects in %.1f s" % (count, time.monotonic() - start))
+    repo = Repository(env, short, workdir)
+    empty_md5 = hashlib.md5(b"").hexdigest()
+    state = {key: (empty_md5, 0, sp.FILE) for key in keys}
+    os.makedirs(repo.state_dir)
+    identity = sp.state_identity(repo.fqrn, short, PREFIX, True)
+    Path(repo.state_dir, repo.fqrn + ".json").write_text(sp.dump_state(state, identity))
+    del state, keys
+    ours, result, rss = repo.sync(concurrency)
+    assert result["unchanged"] == count and not result["changed"], result
+    figures["rss_full_reconcile"] = {"objects": count, "peak_rss_mb": rss, "seconds": round(ours, 2),
+                                     "plan_s": result["durations"]["plan"]}
+    log("[rss] full reconcile of %d objects: peak RSS %.1f MB, %.2f s" % (count, rss, ours))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine-run", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--small", action="store_true", help="a tenth of every size (a quick check of the bench)")
+    parser.add_argument("--rss-objects", type=int, default=100000)
+    args = parser.parse_args()
+    if args.engine_run:
+        return engine_run(args.engine_run)
+    scale = 10 if args.small else 1
+    env, started = ensure_stack()
+    workdir = tempfile.mkdtemp(prefix="bench-sync-")
+    run_id = os.urandom(3).hex()
+    figures = {"concurrency": args.concurrency, "scale": "small" if args.small else "full",
+               "aws_cli": aws_cli() is not None}
+    try:
+        s3 = s3_client(env)
+        many = 10000 // scale
+        repo = full_copy(env, s3, workdir, "b%s-many" % run_id, many, 4096, args.concurrency, figures,
+                         "full_copy_%dx4KiB" % many)
+        full_copy(env, s3, workdir, "b%s-big" % run_id, 20, (20 << 20) // scale, args.concurrency, figures,
+                  "full_copy_20x%dMiB" % (20 // scale))
+        keys = ["%sd%02d/obj-%06d" % (PREFIX, i % 100, i) for i in range(many)]
+        no_change(env, repo, workdir, args.concurrency, figures)
+        one_percent(env, s3, repo, keys, args.concurrency, figures)
+        changes_mode(env, s3, repo, keys, args.concurrency, "changes_10_keys_in_%d" % many, figures)
+        small_short = "b%s-small" % run_id
+        s3.create_bucket(Bucket=small_short)
+        small_keys = fill_bucket(s3, small_short, many // 10, 4096)
+        small = Repository(env, small_short, workdir)
+        small.sync(args.concurrency)
+        changes_mode(env, s3, small, small_keys, args.concurrency, "changes_10_keys_in_%d" % (many // 10), figures)
+        rss_listing(env, s3, workdir, "b%s-rss" % run_id, args.rss_objects // scale, args.concurrency, figures)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if started:
+            subprocess.run([STACK, "down"], stdout=subprocess.DEVNULL)
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
