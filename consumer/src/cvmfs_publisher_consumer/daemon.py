@@ -118,7 +118,7 @@ class Daemon:
 
     def _connect(self):
         self.broker.connect()
-        self.metrics.connected.set(1)
+        self.metrics.set_connected(True)
         log.info("connected to RabbitMQ", extra=fields(event="connected", host=self.config["amqp.host"],
                                                        port=self.config["amqp.port"]))
         problem = self.broker.ensure_queue(self.config["queues.publisher"])
@@ -132,9 +132,15 @@ class Daemon:
         self._save_status()
 
     def _disconnected(self, exc):
-        self.metrics.connected.set(0)
-        log.warning("RabbitMQ connection lost: %s", exc or type(exc).__name__,
-                    extra=fields(event="disconnected", error_type=type(exc).__name__))
+        was_connected = self.metrics.is_connected
+        self.metrics.set_connected(False)
+        detail = str(exc) or type(exc).__name__
+        if was_connected:
+            log.warning("RabbitMQ connection lost: %s", detail,
+                        extra=fields(event="disconnected", error_type=type(exc).__name__))
+        else:
+            log.warning("cannot connect to RabbitMQ at %s:%s: %s", self.config["amqp.host"], self.config["amqp.port"],
+                        detail, extra=fields(event="connect_failed", error_type=type(exc).__name__))
         self.broker.close()
         # Unsettled messages come back from the broker on the next connection; running batches go on, and
         # their messages will simply be redelivered (a sync run is idempotent).
@@ -177,7 +183,7 @@ class Daemon:
                 self._pump()
         self._pool.shutdown(wait=True)
         self.broker.close()
-        self.metrics.connected.set(0)
+        self.metrics.set_connected(False)
         self._save_status()
         log.info("stopped", extra=fields(event="stopped"))
 

@@ -41,12 +41,17 @@ class Metrics:
         self.repositories = Gauge("cvmfs_publisher_repositories_consumed", "Repository queues consumed",
                                   registry=r)
         self._alive = 0.0
+        self.is_connected = False
+
+    def set_connected(self, connected: bool):
+        self.is_connected = connected
+        self.connected.set(1 if connected else 0)
 
     def tick(self):
         self._alive = time.monotonic()
 
     def healthy(self) -> bool:
-        return self.connected._value.get() == 1 and time.monotonic() - self._alive < LOOP_STALL_SECONDS
+        return self.is_connected and time.monotonic() - self._alive < LOOP_STALL_SECONDS
 
     def serve(self, address: str, port: int) -> ThreadingHTTPServer:
         metrics = self
