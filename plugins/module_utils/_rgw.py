@@ -514,12 +514,14 @@ def delete_topic(sns, arn):
 # Bucket notifications (S3 API of RGW)
 
 
-def get_topic_configurations(s3, bucket):
-    """The bucket's TopicConfigurations; a missing bucket is an error that names it."""
+def get_topic_configurations(s3, bucket, missing_ok=False):
+    """The bucket's TopicConfigurations; a missing bucket is an error that names it (None with ``missing_ok``)."""
     try:
         response = s3.get_bucket_notification_configuration(Bucket=bucket)
     except ClientError as exc:
         if error_code(exc) == "NoSuchBucket":
+            if missing_ok:
+                return None
             raise PublisherError("bucket '%s' does not exist at %s: create it first (the bucket is the repository's "
                                  "short name)" % (bucket, _endpoint_of(s3)))
         raise _fail(exc, "read the notification configuration of bucket %s" % bucket, s3)
@@ -624,12 +626,16 @@ def ensure_bucket_notification(s3, params, check_mode):
     topic: putting an Id with another topic adds a second entry, so a topic change first deletes the Id's entries.
     """
     bucket, notification_id = params["bucket"], params["id"]
-    configurations = get_topic_configurations(s3, bucket)
+    absent = params["state"] == "absent"
+    configurations = get_topic_configurations(s3, bucket, missing_ok=absent)
+    if configurations is None:  # a bucket that is gone has no notification left to remove
+        return dict(changed=False, bucket=bucket, id=notification_id, other_ids=[], notification=None,
+                    bucket_exists=False, diff=dict(before=None, after=None))
     mine = [c for c in configurations if c.get("Id") == notification_id]
     current = normalise_notification(mine[0]) if mine else None
     other_ids = sorted(set(c.get("Id", "") for c in configurations) - set([notification_id]))
-    result = dict(bucket=bucket, id=notification_id, other_ids=other_ids)
-    if params["state"] == "absent":
+    result = dict(bucket=bucket, id=notification_id, other_ids=other_ids, bucket_exists=True)
+    if absent:
         if mine and not check_mode:
             remove_notification(s3, bucket, notification_id, len(mine))
         result.update(changed=bool(mine), notification=None, diff=dict(before=current, after=None))

@@ -17,12 +17,13 @@ description:
     as they are.
   - Idempotent; the current and the asked notification are compared after normalisation (events sorted and
     deduplicated, filter rule names case-insensitive) and the configuration is written only when they differ.
-  - With O(state=absent) only O(id) is removed, with RGW's C(DELETE /<bucket>?notification=<id>) extension:
+  - With O(state=absent) only O(id) is removed, with RGW's C(DELETE /<bucket>?notification=<id>) extension, because
     RGW 16.2 merges a PutBucketNotificationConfiguration into the existing configuration instead of replacing it,
     and refuses an empty one with C(MalformedXML).
   - RGW 16.2 keeps one entry per Id and topic, so when O(topic_arn) changes the old entry is deleted before the
     new one is written; events in between are not notified.
-  - A missing bucket is an error that names it.
+  - A missing bucket is an error that names it with O(state=present); with O(state=absent) there is nothing to
+    remove and the module reports no change (RV(bucket_exists=false)).
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.rgw
 attributes:
@@ -135,6 +136,11 @@ notification:
     events: ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
     prefix: cvmfs/
     suffix: ""
+bucket_exists:
+  description: Whether the bucket exists (only O(state=absent) accepts a missing bucket).
+  returned: always
+  type: bool
+  sample: true
 other_ids:
   description: Ids of the bucket's other notifications, left untouched.
   returned: always

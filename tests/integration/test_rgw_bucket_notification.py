@@ -105,6 +105,8 @@ def test_missing_bucket_is_named(stack, unique_name):
     rc, result = run_module(MODULE, dict(CONNECTION, bucket=unique_name, topic_arn="arn:aws:sns:default::x"))
     assert rc != 0
     assert result["msg"].startswith("bucket '%s' does not exist at %s" % (unique_name, stack["RGW_ENDPOINT"]))
+    rc, absent = run_module(MODULE, dict(CONNECTION, bucket=unique_name, state="absent"))
+    assert rc == 0 and absent["changed"] is False and absent["bucket_exists"] is False, absent
 
 
 def test_upload_reaches_the_queue_through_the_three_modules(stack, s3, unique_name):

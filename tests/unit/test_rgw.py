@@ -380,6 +380,13 @@ def test_missing_bucket_is_named(s3):
         rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
 
 
+def test_absent_on_a_missing_bucket_is_no_change(s3):
+    s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
+                             http_status_code=404)
+    result = rgw.ensure_bucket_notification(s3, notification_params(state="absent"), check_mode=False)
+    assert result["changed"] is False and result["bucket_exists"] is False
+
+
 # -- modules: argument handling and secrets ---------------------------------------------------------------------
 
 def run_main(module, args, capsys):
@@ -420,3 +427,29 @@ def test_notification_present_needs_topic_arn_and_events(capsys):
     result = run_main(rgw_bucket_notification, dict(endpoint_url=ENDPOINT, bucket="alice", topic_arn=ARN, events=[]),
                       capsys)
     assert result["failed"] and result["msg"].startswith("events must list at least one S3 event type")
+
+
+# -- documentation (of the three modules of this area, amqp_queue included) ------------------------------------
+
+@pytest.mark.parametrize("module_name", ["rgw_topic", "rgw_bucket_notification", "amqp_queue"])
+def test_documentation_parses_and_matches_the_argument_spec(module_name):
+    """ansible-doc refuses a module whose YAML does not parse; options must match what the module accepts."""
+    import importlib
+
+    import yaml
+    module = importlib.import_module("ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules." + module_name)
+    doc = yaml.safe_load(module.DOCUMENTATION)
+    yaml.safe_load(module.EXAMPLES)
+    yaml.safe_load(module.RETURN)
+    documented = set(doc["options"])
+    for fragment in doc["extends_documentation_fragment"]:
+        fragment_module = importlib.import_module("ansible_collections.infn_cloud.cvmfs_publisher.plugins."
+                                                  "doc_fragments." + fragment.rsplit(".", 1)[1])
+        documented |= set(yaml.safe_load(fragment_module.ModuleDocFragment.DOCUMENTATION)["options"])
+    option_set = rgw.RGW_ARGUMENT_SPEC if module_name.startswith("rgw") else amqp_queue_spec()
+    assert documented == set(module.ARGUMENT_SPEC) | set(option_set)
+
+
+def amqp_queue_spec():
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rabbitmq import RABBITMQ_ARGUMENT_SPEC
+    return RABBITMQ_ARGUMENT_SPEC
