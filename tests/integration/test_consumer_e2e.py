@@ -472,3 +472,66 @@ def test_failed_runs_retry_then_dead_letter_and_keep_no_secret(stack, s3, daemon
     [row] = [r for r in status["repositories"] if r["repository"] == fqrn]
     assert row["last_error"] and row["queue_depth"] == 0
     # The fixture's teardown checks the log and every kept file for the stack's secrets.
+
+
+# -- the AMQP layer alone (fast: no playbooks) -----------------------------------------------------------
+
+def _broker(stack, dead_letter_queue):
+    from cvmfs_publisher_consumer import amqp
+    settings = {"host": stack["AMQP_HOST"], "port": int(stack["AMQP_PORT"]), "vhost": stack["AMQP_VHOST"],
+                "user": stack["AMQP_USER"], "tls": False, "ca_cert": "", "client_cert": "", "client_key": "",
+                "server_hostname": "", "heartbeat": 30, "connection_timeout": 10}
+    broker = amqp.Broker(amqp.connection_parameters(settings, Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()),
+                         dead_letter_queue)
+    broker.connect()
+    return broker
+
+
+def test_retry_copies_and_dead_letters_carry_their_headers(stack, unique_name):
+    from cvmfs_publisher_consumer import amqp
+    broker = _broker(stack, unique_name + ".dlq")
+    try:
+        broker.ensure_queue(unique_name)
+        publish(stack, unique_name, b"payload", headers={"x-origin": "test"})
+        received = []
+        assert broker.consume(unique_name, 10, received.append)
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            broker.process(0.1)
+        assert broker.retry_later(received[0], attempts=2, not_before=1795705416.552)
+        while len(received) < 2 and time.monotonic() < deadline:
+            broker.process(0.1)
+        copy = received[1]
+        assert copy.body == b"payload" and copy.properties.headers["x-origin"] == "test"
+        assert amqp.attempts_of(copy.properties) == 2 and amqp.not_before_of(copy.properties) == 1795705416.552
+        assert broker.dead_letter(copy, "changes run failed 3 times; last error: boom", 3)
+        broker.process(0.2)
+        [(body, headers)] = drain_queue(stack, unique_name + ".dlq")
+        assert body == b"payload" and headers["x-cvmfs-publisher-reason"].endswith("last error: boom")
+        assert (headers["x-cvmfs-publisher-attempts"], headers["x-cvmfs-publisher-queue"]) == (3, unique_name)
+        assert broker.queue_exists(unique_name) == 0
+    finally:
+        broker.close()
+        connection = amqp_connection(stack)
+        connection.channel().queue_delete(unique_name)
+        connection.channel().queue_delete(unique_name + ".dlq")
+        connection.close()
+
+
+def test_single_active_consumer_check(stack, unique_name):
+    broker = _broker(stack, unique_name + ".dlq")
+    connection = amqp_connection(stack)
+    try:
+        channel = connection.channel()
+        channel.queue_declare(unique_name + "-plain", durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_declare(unique_name + "-sac", durable=True,
+                              arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
+        assert "x-single-active-consumer" in broker.single_active_consumer_problem(unique_name + "-plain")
+        assert broker.single_active_consumer_problem(unique_name + "-sac") is None
+        assert broker.queue_exists(unique_name + "-missing") is None
+        for suffix in ("-plain", "-sac"):
+            channel.queue_delete(unique_name + suffix)
+        channel.queue_delete(unique_name + ".dlq")
+    finally:
+        connection.close()
+        broker.close()
