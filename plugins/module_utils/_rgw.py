@@ -406,7 +406,8 @@ def connect(params, service, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, 
 
     Static credentials come from ``access_key``/``secret_key`` (or their ``_file`` options), else boto3's usual
     chain. With ``assume_role_arn`` those credentials only call STS AssumeRole; the client uses the role's.
-    ``config_overrides`` go into botocore's Config (e.g. ``connect_timeout``, ``read_timeout``).
+    ``max_attempts`` is botocore's: retries after the first try. ``max_pool_connections`` sizes the HTTP pool (set
+    it to the number of parallel transfers). ``config_overrides`` go into botocore's Config (e.g. ``read_timeout``).
     """
     require_boto3()
     endpoint_url = params["endpoint_url"]
@@ -473,17 +474,27 @@ def find_topic(sns, name):
                 break
             kwargs["NextToken"] = page["NextToken"]
     except (BotoCoreError, ClientError) as exc:
-        raise _fail(exc, "list topics", sns)
+        raise _topic_read_error(exc, "list topics", sns)
     for arn in candidates:
         try:
             return arn, sns.get_topic_attributes(TopicArn=arn)["Attributes"]
         except ClientError as exc:
             if error_code(exc) in ("NotFound", "NoSuchEntity", "NoSuchKey") or error_status(exc) == 404:
                 continue
-            raise _fail(exc, "read topic %s" % name, sns)
+            raise _topic_read_error(exc, "read topic %s" % name, sns)
         except BotoCoreError as exc:
             raise _fail(exc, "read topic %s" % name, sns)
     return None, None
+
+
+def _topic_read_error(exc, action, sns):
+    """RGW 16.2 answers 403 to every topic read over plain http once any topic stores a password: say so."""
+    error = _fail(exc, action, sns)
+    if (error_status(exc) == 403 and error_code(exc) not in ACCESS_KEY_ERROR_CODES
+            and _endpoint_of(sns).lower().startswith("http://")):
+        error.msg += ("; RGW also refuses topic reads over http when a topic stores push_endpoint credentials "
+                      "(use an https endpoint_url)")
+    return error
 
 
 def create_topic(sns, name, topic):

@@ -329,6 +329,15 @@ def test_credentials_over_http_get_a_message_that_says_so(sns):
     assert "s3cr3t" not in caught.value.msg
 
 
+def test_topic_read_refused_over_http_mentions_stored_secrets(sns):
+    sns.stub.add_client_error("list_topics", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(PublisherError) as caught:
+        rgw.ensure_topic(sns, topic_params(), check_mode=False)
+    assert caught.value.msg.startswith("access denied while trying to list topics")
+    assert caught.value.msg.endswith("RGW also refuses topic reads over http when a topic stores push_endpoint "
+                                     "credentials (use an https endpoint_url)")
+
+
 def test_other_400_is_not_blamed_on_credentials(sns):
     expect_lookup(sns, None)
     sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
