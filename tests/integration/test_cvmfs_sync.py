@@ -125,22 +125,25 @@ def repo(stack, s3, unique_name, tmp_path):
 
 
 def test_nested_tree_updates_and_deletes_then_nothing_to_do(repo):
+    odd = "cvmfs/with space+plus&amp=\u00fc %2F.txt"
     repo.put_many({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/sibling": b"sib",
-                   "cvmfs/x/only": b"only", "cvmfs/": b"", "cvmfs/emptydir/": b"", "outside/ignored": b"no"})
+                   "cvmfs/x/only": b"only", "cvmfs/": b"", "cvmfs/emptydir/": b"", "outside/ignored": b"no",
+                   odd: b"odd"})
     first = repo.sync(ansible=True)
     assert first["changed"] and first["mode"] == "full" and "state_rebuilt" in first
-    assert (first["added"], first["updated"], first["deleted"], first["refused"]) == (4, 0, 0, 0)
-    assert first["bytes_downloaded"] == len(b"topdeepsibonly") and first["objects_downloaded"] == 4
+    assert (first["added"], first["updated"], first["deleted"], first["refused"]) == (5, 0, 0, 0)
+    assert first["bytes_downloaded"] == len(b"topdeepsibonlyodd") and first["objects_downloaded"] == 5
     assert first["revision"] == repo.revision() == 1
     assert set(first["durations"]) == {"plan", "download", "transaction"}
     assert repo.files() == {"top": sha(b"top"), "a/b/c/deep": sha(b"deep"), "a/b/sibling": sha(b"sib"),
-                            "x/only": sha(b"only")}
+                            "x/only": sha(b"only"), odd[len("cvmfs/"):]: sha(b"odd")}
+    repo.delete(odd)
 
     repo.put("cvmfs/top", b"top v2")
     repo.delete("cvmfs/a/b/c/deep")
     repo.delete("cvmfs/x/only")
     second = repo.sync(diff=True)
-    assert (second["added"], second["updated"], second["deleted"], second["unchanged"]) == (0, 1, 2, 1)
+    assert (second["added"], second["updated"], second["deleted"], second["unchanged"]) == (0, 1, 3, 1)
     assert "state_rebuilt" not in second
     assert repo.tree() == {"top": sha(b"top v2"), "a": "dir", "a/b": "dir", "a/b/sibling": sha(b"sib")}, \
         "directories emptied by deletions are removed, the others kept"
@@ -235,24 +238,18 @@ def test_conflicting_paths_are_refused_not_fatal(repo):
     assert repo.files() == {"a": sha(b"file a")}
 
 
-def test_object_deleted_between_listing_and_download(repo):
+def test_object_deleted_between_listing_and_download(repo, monkeypatch):
     repo.put_many({"cvmfs/keep": b"keep", "cvmfs/vanishing": b"soon gone"})
-    import boto3  # noqa: F401  (the real client, wrapped)
-    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw
-    params = repo.params()
-    real = _rgw.connect(params, "s3")
+    real_get = _sync._get
 
-    class DeletesBeforeGet:
-        def __getattr__(self, name):
-            return getattr(real, name)
+    def deleted_first(s3, bucket, key):
+        if key == "cvmfs/vanishing":
+            repo.delete(key)
+        return real_get(s3, bucket, key)
 
-        def get_object(self, Bucket, Key):
-            if Key == "cvmfs/vanishing":
-                real.delete_object(Bucket=Bucket, Key=Key)
-            return real.get_object(Bucket=Bucket, Key=Key)
-
-    result = _sync.sync(params, s3=DeletesBeforeGet())
-    assert result["changed"] and result["objects_downloaded"] == 1
+    monkeypatch.setattr(_sync, "_get", deleted_first)
+    result = _sync.sync(repo.params())
+    assert result["changed"] and result["objects_downloaded"] == 1 and result["added"] == 1
     assert repo.files() == {"keep": sha(b"keep")}
     assert not repo.sync()["changed"], "the state does not remember the vanished object"
 
