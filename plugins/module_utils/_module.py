@@ -64,11 +64,15 @@ class PublisherModule(AnsibleModule):
 
     def run(self, func):
         """Call ``func(self)`` and exit with its result dict; a PublisherError becomes a clear failure."""
+        failure = None
         try:
             result = func(self)
         except PublisherError as exc:
-            self.fail_json(msg=exc.msg, **exc.details)
+            failure = dict(msg=exc.msg, **exc.details)
         except Exception as exc:  # a bug, not an operator error: keep the traceback for -vvv
-            self.fail_json(msg="unexpected error: %s: %s" % (type(exc).__name__, exc),
+            failure = dict(msg="unexpected error: %s: %s" % (type(exc).__name__, exc),
                            exception=traceback.format_exc())
+        # fail_json outside the except block: inside it, ansible-core 2.19 attaches a placeholder traceback.
+        if failure is not None:
+            self.fail_json(**failure)
         self.exit_json(**result)
