@@ -242,3 +242,43 @@ def test_state_round_trip():
 def test_untrusted_state_is_rejected_with_a_reason(text, reason):
     state, why = sp.load_state(text, IDENTITY)
     assert state is None and reason in why
+
+
+# --- cvmfs_server retry policy (_sync.with_busy_retries: no service needed) -------------------------------
+
+def busy(rc):
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._cvmfs import CvmfsCommandError
+    return CvmfsCommandError(["cvmfs_server", "transaction", "alice.infn.it"], rc, "", "lease busy")
+
+
+@pytest.mark.parametrize("rc", [16, 17])
+def test_busy_exit_codes_are_retried_with_growing_pauses_then_fail_clearly(rc):
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
+    pauses, calls = [], []
+
+    def always_busy():
+        calls.append(1)
+        raise busy(rc)
+
+    with pytest.raises(_sync.SyncError) as failure:
+        _sync.with_busy_retries(always_busy, retries=3, sleep=pauses.append)
+    assert len(calls) == 4 and len(pauses) == 3
+    assert pauses[0] < 1.01 and pauses[2] >= 2.0, "exponential backoff with jitter"
+    assert "gave up after 4 attempts (exit code %d)" % rc in failure.value.msg
+    assert ("lease path is busy" if rc == 16 else "another transaction is open") in failure.value.msg
+
+
+def test_busy_then_free_succeeds_and_other_failures_are_not_retried():
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
+    answers = [busy(16), busy(17), "opened"]
+
+    def flaky():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert _sync.with_busy_retries(flaky, retries=5, sleep=lambda s: None) == "opened"
+    with pytest.raises(Exception) as failure:
+        _sync.with_busy_retries(lambda: (_ for _ in ()).throw(busy(1)), retries=5, sleep=lambda s: None)
+    assert failure.value.rc == 1
