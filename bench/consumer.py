@@ -68,7 +68,7 @@ def measure_latency(stack, s3, daemon, fqrn, bucket, uploads):
 
 def measure_burst(stack, s3, daemon, fqrn, bucket, count):
     objects = {"cvmfs/burst/d%02d/f%05d" % (i % 50, i): b"%d\n" % i for i in range(count)}
-    runs_before = len(daemon.runs(fqrn, "changes"))
+    runs_before = len(daemon.runs(fqrn))
     started = time.monotonic()
     e2e.upload_many(s3, bucket, objects, workers=32)
     uploaded = time.monotonic() - started
@@ -79,7 +79,7 @@ def measure_burst(stack, s3, daemon, fqrn, bucket, count):
             raise RuntimeError("the burst was never fully published")
         time.sleep(0.2)
     total = time.monotonic() - started
-    runs = len(daemon.runs(fqrn, "changes")) - runs_before
+    runs = len(daemon.runs(fqrn)) - runs_before
     return objects, uploaded, total, runs
 
 

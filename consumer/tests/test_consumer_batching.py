@@ -105,3 +105,16 @@ def test_reconnect_delays_grow_to_the_cap_with_jitter():
     caps = [1, 2, 4, 8, 8, 8, 8, 8]
     assert all(cap / 2 <= value <= cap for value, cap in zip(values, caps))
     assert len(set(values)) == len(values)  # jittered
+
+
+def test_a_batch_with_many_keys_runs_as_one_full_sync():
+    scheduler = Scheduler(max_parallel=1, full_threshold=3)
+    scheduler.add("a.x.org", sync(1, "k1", "k2"))
+    scheduler.add("a.x.org", sync(2, "k2"))
+    [small] = scheduler.take_ready(now=0)
+    assert small.mode == CHANGES
+    scheduler.finished(small, True, 0)
+    scheduler.add("a.x.org", sync(3, "k1", "k2"))
+    scheduler.add("a.x.org", sync(4, "k3"))
+    [big] = scheduler.take_ready(now=0)
+    assert (big.mode, big.keys, [m.ref for m in big.messages], big.size) == (FULL, ["k1", "k2", "k3"], [3, 4], 3)

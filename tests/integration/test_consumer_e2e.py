@@ -220,9 +220,10 @@ class DaemonProcess:
             time.sleep(0.3)
         pytest.fail("%s (after %ss); log tail:\n%s" % (what, timeout, self.log_path.read_text()[-3000:]))
 
-    def runs(self, fqrn, mode=None, event="run_started"):
+    def runs(self, fqrn, modes=("changes", "full"), event="run_started"):
+        """The sync runs (by default) of ``fqrn``: a big batch runs as ``full`` (sync.full_sync_threshold)."""
         return [e for e in self.events() if e.get("event") == event and e.get("repository") == fqrn
-                and (mode is None or e.get("mode") == mode)]
+                and e.get("mode") in modes]
 
     def stop(self):
         if self.process and self.process.poll() is None:
@@ -277,6 +278,11 @@ def provision(stack, s3, daemon, short, kind="P"):
     return fqrn
 
 
+def sync_event(name, fqrn):
+    """A predicate for wait_for: event ``name`` of a sync run (changes or full) of ``fqrn``."""
+    return lambda e: e.get("event") == name and e.get("repository") == fqrn and e.get("mode") in ("changes", "full")
+
+
 def daemon_queue(daemon):
     return yaml.safe_load(daemon.config_path.read_text())["queues"]["publisher"]
 
@@ -309,10 +315,9 @@ def test_a_burst_of_1000_uploads_is_published_in_at_most_10_runs(stack, s3, daem
     fqrn = provision(stack, s3, daemon, unique_name)
     upload_many(s3, unique_name, {"cvmfs/burst/%03d/f%04d" % (i % 37, i): b"%d\n" % i for i in range(1000)})
     wait_published(stack, s3, fqrn, unique_name)
-    runs = daemon.runs(fqrn, "changes")
+    runs = daemon.runs(fqrn)
     assert 1 <= len(runs) <= 10, [r.get("keys") for r in runs]
-    daemon.wait_for(lambda e: e.get("event") == "run_succeeded" and e.get("repository") == fqrn,
-                    "runs did not finish", count=len(runs))
+    daemon.wait_for(sync_event("run_succeeded", fqrn), "runs did not finish", count=len(runs))
     assert sum(r["keys"] for r in runs) >= 1000
 
 
@@ -320,8 +325,7 @@ def test_kill_9_during_a_sync_then_restart_loses_nothing(stack, s3, daemons, uni
     daemon = daemons().start()
     fqrn = provision(stack, s3, daemon, unique_name)
     upload_many(s3, unique_name, {"cvmfs/first/f%03d" % i: os.urandom(2048) for i in range(300)})
-    daemon.wait_for(lambda e: e.get("event") == "run_started" and e.get("mode") == "changes"
-                    and e.get("repository") == fqrn, "no sync started")
+    daemon.wait_for(sync_event("run_started", fqrn), "no sync started")
     time.sleep(2)
     daemon.kill()
     state = str(daemon.folder / "state")
@@ -353,8 +357,7 @@ def test_rabbitmq_restart_during_a_burst(stack, s3, daemons, unique_name):
     daemon = daemons().start()
     fqrn = provision(stack, s3, daemon, unique_name)
     upload_many(s3, unique_name, {"cvmfs/before/f%03d" % i: b"%d" % i for i in range(300)})
-    daemon.wait_for(lambda e: e.get("event") == "run_started" and e.get("mode") == "changes"
-                    and e.get("repository") == fqrn, "no sync started")
+    daemon.wait_for(sync_event("run_started", fqrn), "no sync started")
     rabbitmqctl(stack, "stop_app")
     time.sleep(3)
     rabbitmqctl(stack, "start_app")
@@ -404,18 +407,17 @@ def test_two_daemons_never_sync_one_repository_at_once_and_one_takes_over(stack,
     second.wait_for(lambda e: e.get("event") == "consuming" and e.get("queue") == unique_name, "second not consuming")
     upload_many(s3, unique_name, {"cvmfs/a/f%03d" % i: b"%d" % i for i in range(200)})
     wait_published(stack, s3, fqrn, unique_name)
-    active = first if first.runs(fqrn, "changes") else second
+    active = first if first.runs(fqrn) else second
     standby = second if active is first else first
-    assert not standby.runs(fqrn, "changes"), "single-active-consumer: only one daemon receives the events"
+    assert not standby.runs(fqrn), "single-active-consumer: only one daemon receives the events"
 
     upload_many(s3, unique_name, {"cvmfs/b/f%03d" % i: b"%d" % i for i in range(200)})
-    active.wait_for(lambda e: e.get("event") == "run_started" and e.get("repository") == fqrn,
-                    "no second sync", count=len(active.runs(fqrn)) + 1)
+    active.wait_for(sync_event("run_started", fqrn), "no second sync", count=len(active.runs(fqrn)) + 1)
     killed_at = time.time()
     active.kill()
     upload_many(s3, unique_name, {"cvmfs/c/f%03d" % i: b"%d" % i for i in range(50)})
     wait_published(stack, s3, fqrn, unique_name)
-    assert standby.runs(fqrn, "changes"), "the standby daemon never took over"
+    assert standby.runs(fqrn), "the standby daemon never took over"
     assert not standin.in_transaction(stack["CVMFS_STANDIN_ROOT"], fqrn)
     intervals = _run_intervals(active, fqrn, killed_at) + _run_intervals(standby, fqrn, None)
     intervals.sort()
@@ -454,8 +456,7 @@ def test_failed_runs_retry_then_dead_letter_and_keep_no_secret(stack, s3, daemon
     failing = daemons("failing", ansible__extravars_files=[stack_vars_file(), str(broken)],
                       ansible__verbosity=3, sync__max_attempts=2).start()
     s3.put_object(Bucket=unique_name, Key="cvmfs/never.txt", Body=b"x")
-    failing.wait_for(lambda e: e.get("event") == "run_failed" and e.get("repository") == fqrn,
-                     "the sync never failed", count=2)
+    failing.wait_for(sync_event("run_failed", fqrn), "the sync never failed", count=2)
     deadline = time.monotonic() + 60
     dead = []
     while not dead and time.monotonic() < deadline:

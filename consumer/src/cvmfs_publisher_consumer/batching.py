@@ -3,8 +3,8 @@
 Pure: no AMQP, no ansible-runner, no clock of its own (callers pass ``now``), so every decision is unit-tested.
 
 A *lane* is one repository. Messages wait in their lane until the lane is idle, its retry time has come and a
-run slot is free; then all waiting sync messages become one ``changes`` run over their distinct keys
-(provisioning requests for the lane go first, identical requests share one run). The messages of a run are
+run slot is free; then all waiting sync messages become one ``changes`` run over their distinct keys, or one ``full`` run when they are
+that many that listing the bucket is cheaper (provisioning requests for the lane go first, identical requests share one run). The messages of a run are
 settled together when it ends: acked on success, retried or dead-lettered on failure.
 """
 import random
@@ -37,7 +37,7 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return len(self.keys) if self.mode == CHANGES else len(self.messages)
+        return len(self.keys) if self.keys else len(self.messages)
 
 
 @dataclass
@@ -49,9 +49,11 @@ class _Lane:
 
 
 class Scheduler:
-    def __init__(self, max_parallel: int, full_interval: float = 0.0):
+    def __init__(self, max_parallel: int, full_interval: float = 0.0, full_threshold: int = 0):
         self.max_parallel = max_parallel
         self.full_interval = full_interval
+        # From this many distinct keys on, one listing of the bucket (full) is cheaper than a look at each key.
+        self.full_threshold = full_threshold
         self._lanes: Dict[str, _Lane] = {}
 
     def _lane(self, name) -> _Lane:
@@ -116,6 +118,8 @@ class Scheduler:
         if syncs:
             self._remove(state, syncs)
             keys = sorted({key for m in syncs for key in m.keys})
+            if self.full_threshold and len(keys) >= self.full_threshold:
+                return Batch(name, FULL, syncs, keys=keys)
             return Batch(name, CHANGES, syncs, keys=keys)
         return None
 

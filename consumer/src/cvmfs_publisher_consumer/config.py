@@ -82,6 +82,8 @@ FIELDS: Dict[str, Field] = {
     "sync.retry_initial_delay": Field(float, 10.0, _positive),
     "sync.retry_max_delay": Field(float, 600.0, _positive),
     "sync.full_reconcile_interval": Field(float, 0.0, _not_negative),
+    "sync.full_sync_threshold": Field(int, 500, _not_negative, doc="a batch with this many distinct keys runs "
+                                      "as one full sync (0: never)"),
     "ansible.project_dir": Field(str, doc="folder the playbook paths are relative to (the collection root)"),
     "ansible.provision_playbook": Field(str, "playbooks/provision_repository.yml"),
     "ansible.sync_playbook": Field(str, "playbooks/sync_repository.yml"),

@@ -74,7 +74,8 @@ class Daemon:
         self.runner = runner or PlaybookRunner(config.section("ansible"), state_dir, secrets=known_secrets(config))
         self.metrics = metrics or Metrics()
         self.status = StatusFile(state_dir, clock=clock)
-        self.scheduler = Scheduler(config["sync.max_parallel"], config["sync.full_reconcile_interval"])
+        self.scheduler = Scheduler(config["sync.max_parallel"], config["sync.full_reconcile_interval"],
+                                   config["sync.full_sync_threshold"])
         self.retry = RetryPolicy(config["sync.max_attempts"], config["sync.retry_initial_delay"],
                                  config["sync.retry_max_delay"])
         self.repositories: Dict[str, str] = {}   # short name (queue, bucket) -> fqrn
