@@ -10,14 +10,18 @@ EXAMPLES = Path("/work/shared/examples")
 HERE_EXAMPLES = Path(__file__).parent / "data"
 
 
+def s3_event(key, bucket, name, size, source):
+    record = {"eventVersion": "2.2", "eventSource": source, "eventName": name,
+              "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": size}}}
+    return json.dumps({"Records": [record]}).encode()
+
+
 def rgw_event(key="cvmfs/a/b.txt", bucket="alice", name="ObjectCreated:Put", size=12):
-    return json.dumps({"Records": [{"eventVersion": "2.2", "eventSource": "ceph:s3", "eventName": name,
-                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": size}}}]}).encode()
+    return s3_event(key, bucket, name, size, "ceph:s3")
 
 
 def aws_event(key, bucket="alice", name="s3:ObjectRemoved:Delete", size="7"):
-    return json.dumps({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
-                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": size}}}]}).encode()
+    return s3_event(key, bucket, name, size, "aws:s3")
 
 
 # -- provisioning ------------------------------------------------------------------------------------------
@@ -99,9 +103,7 @@ def test_aws_test_event_is_nothing():
     (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "a"}}}]}', "s3.object.key missing"),
     (b'{"Records": [{"s3": {}}]}', "eventName missing"),
     (b'{"Records": ["x"]}', r"Records\[0\]: expected an object"),
-    (json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "a"},
-                                                                      "object": {"key": "k", "size": "big"}}}]}).encode(),
-     "size 'big' is not a number"),
+    (s3_event("k", "a", "ObjectCreated:Put", "big", "ceph:s3"), "size 'big' is not a number"),
 ])
 def test_bad_events_say_why(body, reason):
     with pytest.raises(MessageError, match=reason):

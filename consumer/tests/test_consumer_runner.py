@@ -18,7 +18,8 @@ PLAYBOOK_OK = """
   tasks:
     - ansible.builtin.copy:
         dest: "{{ out }}"
-        content: "{{ {'repo': cvmfs_repository, 'keys': cvmfs_sync_keys | default([]), 'endpoint': cvmfs_publisher_rgw_endpoint} | to_json }}"
+        content: "{{ {'repo': cvmfs_repository, 'keys': cvmfs_sync_keys | default([]),
+                      'endpoint': cvmfs_publisher_rgw_endpoint} | to_json }}"
 """
 PLAYBOOK_FAIL = """
 - hosts: localhost
@@ -26,7 +27,9 @@ PLAYBOOK_FAIL = """
   tasks:
     - name: Open the transaction
       ansible.builtin.fail:
-        msg: "transaction failed for {{ cvmfs_repository }} with {{ lookup('file', cvmfs_publisher_rgw_secret_key_file) }}"
+        msg: >-
+          transaction failed for {{ cvmfs_repository }}
+          with {{ lookup('file', cvmfs_publisher_rgw_secret_key_file) }}
 """
 PLAYBOOK_SLOW = """
 - hosts: localhost

@@ -421,7 +421,7 @@ def test_two_daemons_never_sync_one_repository_at_once_and_one_takes_over(stack,
     assert not standin.in_transaction(stack["CVMFS_STANDIN_ROOT"], fqrn)
     intervals = _run_intervals(active, fqrn, killed_at) + _run_intervals(standby, fqrn, None)
     intervals.sort()
-    for (start_a, end_a), (start_b, _end_b) in zip(intervals, intervals[1:]):
+    for (_start_a, end_a), (start_b, _end_b) in zip(intervals, intervals[1:]):
         assert start_b >= end_a, "two syncs of %s overlapped: %s" % (fqrn, intervals)
 
 

@@ -3,9 +3,10 @@
 Pure: no AMQP, no ansible-runner, no clock of its own (callers pass ``now``), so every decision is unit-tested.
 
 A *lane* is one repository. Messages wait in their lane until the lane is idle, its retry time has come and a
-run slot is free; then all waiting sync messages become one ``changes`` run over their distinct keys, or one ``full`` run when they are
-that many that listing the bucket is cheaper (provisioning requests for the lane go first, identical requests share one run). The messages of a run are
-settled together when it ends: acked on success, retried or dead-lettered on failure.
+run slot is free; then all waiting sync messages become one ``changes`` run over their distinct keys, or one
+``full`` run when they are so many that listing the bucket is cheaper (provisioning requests for the lane go
+first, identical requests share one run). The messages of a run are settled together when it ends: acked on
+success, retried or dead-lettered on failure.
 """
 import random
 from dataclasses import dataclass, field
