@@ -32,6 +32,7 @@ attributes:
     description: Before and after of the queue's durability, arguments and binding.
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.amqp
 options:
@@ -98,7 +99,7 @@ seealso:
     description: Arguments, dead-lettering strategies and delivery limits of quorum queues.
     link: https://www.rabbitmq.com/docs/quorum-queues
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 """
 
 EXAMPLES = r"""

@@ -24,7 +24,7 @@ description:
   - The keys C(<fqrn>.crt), C(<fqrn>.pub) and C(<fqrn>.gw) must be in O(keys_dir) before the repository is created;
     M(infn_cloud.cvmfs_publisher.vault_repository_keys) installs them.
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.cvmfs
   - infn_cloud.cvmfs_publisher.cvmfs.keys
@@ -37,6 +37,7 @@ attributes:
     description: Before and after of C(exists), C(stratum0) and C(upstream).
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.cvmfs
       - infn_cloud.cvmfs_publisher.all
@@ -86,8 +87,10 @@ notes:
 seealso:
   - module: infn_cloud.cvmfs_publisher.vault_repository_keys
   - name: CernVM-FS repository gateway and publishers
+    description: How a gateway publisher is set up.
     link: https://cvmfs.readthedocs.io/en/stable/cpt-repository-gateway.html
   - name: cvmfs_server mkfs and rmfs
+    description: Creating and removing repositories.
     link: https://cvmfs.readthedocs.io/en/stable/cpt-repo.html
 """
 

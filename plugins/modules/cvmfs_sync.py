@@ -13,26 +13,26 @@ module: cvmfs_sync
 short_description: Mirror an S3 bucket prefix into a CVMFS repository, atomically
 version_added: 0.1.0
 description:
-  - Makes C(/cvmfs/<repository>) hold exactly what C(s3://<bucket>/<prefix>) holds: object C(<prefix><path>)
-    becomes file C(/cvmfs/<repository>/<path>); folders are kept, folders emptied by deletions are removed.
+  - "Makes C(/cvmfs/<repository>) hold exactly what C(s3://<bucket>/<prefix>) holds: object C(<prefix><path>)
+    becomes file C(/cvmfs/<repository>/<path>); folders are kept, folders emptied by deletions are removed."
   - Tarballs (C(.tar), C(.tar.gz), C(.tgz)) are published with C(cvmfs_server ingest) into a folder named after
     the tarball without its extension, replacing that folder's previous content in the same revision; deleting
     the tarball object removes the folder. O(tarballs=false) publishes them as plain files.
-  - New and changed objects are downloaded in parallel into a staging folder first; only then is a transaction
+  - "New and changed objects are downloaded in parallel into a staging folder first; only then is a transaction
     opened, the changes applied locally and published. Plain files and deletions are published in one
     transaction; then each tarball with its own C(cvmfs_server ingest) (which opens its own transaction). Every
-    step is atomic: a failure aborts it (C(abort -f)) and leaves what was published before intact.
+    step is atomic: a failure aborts it (C(abort -f)) and leaves what was published before intact."
   - What was published is remembered per repository in a state file (object key, ETag, size), written only
     after a successful publish. Without a trustworthy state file (first run, lost, corrupt, or a crash between
     publishing and recording) the module compares the whole bucket with the published files (size, and MD5 for
     single-part uploads), so a lost state costs a re-check, never a wrong repository.
-  - Keys that would escape the repository or that CVMFS reserves are refused and reported, never applied:
+  - "Keys that would escape the repository or that CVMFS reserves are refused and reported, never applied:
     C(..), C(.) or empty segments, control characters, a top-level C(.cvmfs), overlay whiteouts C(.wh.*),
     C(.cvmfsautocatalog), keys outside O(prefix), and paths that clash with another object (a file where a
     folder is needed). A tarball with a member that would land outside its folder (C(..), absolute paths,
-    links pointing out, device files) is refused as a whole.
+    links pointing out, device files) is refused as a whole."
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.rgw
   - infn_cloud.cvmfs_publisher.cvmfs
@@ -46,6 +46,7 @@ attributes:
     description: One line per path, C(+) added, C(~) updated, C(-) deleted (up to O(max_reported_paths) each).
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
       - infn_cloud.cvmfs_publisher.cvmfs

@@ -35,6 +35,7 @@ attributes:
     description: Before and after of notification O(id) (other Ids are not shown).
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
 options:
@@ -87,7 +88,7 @@ seealso:
     description: S3 bucket notification API of RGW, including the delete extension.
     link: https://docs.ceph.com/en/pacific/radosgw/s3-notification-compatibility/
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 """
 
 EXAMPLES = r"""

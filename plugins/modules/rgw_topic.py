@@ -34,6 +34,7 @@ attributes:
     description: Before and after of the topic's attributes, push endpoint password masked.
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
 options:
@@ -96,7 +97,7 @@ seealso:
     description: Topic attributes and the AMQP push endpoint.
     link: https://docs.ceph.com/en/pacific/radosgw/notifications/
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 """
 
 EXAMPLES = r"""

@@ -26,7 +26,7 @@ description:
     changed (with sha256 fingerprints), and mode or owner changes.
   - With O(state=absent) the three files are removed; Vault is not contacted.
 author:
-  - cvmfs-publisher developers
+  - cvmfs-publisher developers (@infn-cloud)
 requirements:
   - hvac
 extends_documentation_fragment:
@@ -41,6 +41,7 @@ attributes:
     description: Per file, before and after of existence, mode and sha256 fingerprint; never the content.
   action_group:
     support: full
+    description: Its connection options can be set once with C(module_defaults) for the group.
     membership:
       - infn_cloud.cvmfs_publisher.vault
       - infn_cloud.cvmfs_publisher.all
@@ -85,6 +86,7 @@ seealso:
     description: How a gateway publisher uses the .crt, .pub and .gw keys.
     link: https://cvmfs.readthedocs.io/en/stable/cpt-repository-gateway.html
   - name: Vault AppRole auth method
+    description: The read-only login the module uses.
     link: https://developer.hashicorp.com/vault/docs/auth/approle
 """
 
