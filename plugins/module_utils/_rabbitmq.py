@@ -220,8 +220,8 @@ class ManagementApi(object):
         return self.request("GET", self._path("queues", name), allow_missing=True)
 
     def declare_queue(self, name, arguments):
-        self.request("PUT", self._path("queues", name), {"durable": True, "auto_delete": False,
-                                                          "arguments": arguments})
+        self.request("PUT", self._path("queues", name),
+                     {"durable": True, "auto_delete": False, "arguments": arguments})
 
     def delete_queue(self, name):
         self.request("DELETE", self._path("queues", name))

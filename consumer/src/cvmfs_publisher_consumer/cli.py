@@ -40,8 +40,8 @@ def cmd_status(config, args) -> int:
     from .daemon import discover_repositories, queue_depths
     status = StatusFile.read(config["state_dir"]) or {}
     known = status.get("repositories", {})
-    repositories = sorted(set(known) | set(discover_repositories(config["repositories.config_dir"],
-                                                                      config["repositories.include"]).values()))
+    provisioned = discover_repositories(config["repositories.config_dir"], config["repositories.include"])
+    repositories = sorted(set(known) | set(provisioned.values()))
     queues = [config["queues.publisher"], config["queues.dead_letter"]] + [r.split(".", 1)[0] for r in repositories]
     rc = 0
     try:
@@ -60,9 +60,9 @@ def cmd_status(config, args) -> int:
         print(json.dumps({"daemon": {k: status.get(k) for k in ("pid", "updated", "connected", "runs_in_progress")},
                           "queues": {q: depths.get(q) for q in queues[:2]}, "repositories": rows}, indent=1))
         return rc
-    print("daemon: pid %s, %s, status written %s" % (status.get("pid", "?"),
-                                                    "connected" if status.get("connected") else "not connected",
-                                                    _when(status.get("updated"))))
+    print("daemon: pid %s, %s, status written %s" % (
+        status.get("pid", "?"), "connected" if status.get("connected") else "not connected",
+        _when(status.get("updated"))))
     for name in queues[:2]:
         print("queue %s: %s waiting" % (name, "?" if depths.get(name) is None else depths[name]))
     print("%-40s %8s  %-21s %s" % ("REPOSITORY", "QUEUED", "LAST PUBLISH", "LAST ERROR"))

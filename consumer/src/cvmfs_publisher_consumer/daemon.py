@@ -399,4 +399,3 @@ def queue_depths(config: Config, queues) -> Dict[str, Optional[int]]:
         return {name: broker.queue_exists(name) for name in queues}
     finally:
         broker.close()
-
