@@ -28,13 +28,16 @@ def client():
 
 
 def create_bucket(s3, name):
+    # RGW answers CreateBucket on a bucket the user already owns with success, so look first.
     try:
-        s3.create_bucket(Bucket=name)
-        print("created")
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise
+        s3.head_bucket(Bucket=name)
         print("exists")
+        return
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] not in ("404", "NoSuchBucket"):
+            raise
+    s3.create_bucket(Bucket=name)
+    print("created")
 
 
 def put(s3, name, key, text):
