@@ -598,7 +598,11 @@ def sync(params, check_mode=False, s3=None, server=None):
     staging_root = params.get("staging_dir") or _default_under_root(params, DEFAULT_STAGING_DIR)
     try:
         os.makedirs(staging_root, exist_ok=True)
-        folder = tempfile.mkdtemp(dir=staging_root, prefix=fqrn + ".")
+        # One sync per repository at a time: folders of this repository left here come from killed runs.
+        for name in os.listdir(staging_root):
+            if name.startswith(fqrn + "@"):
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+        folder = tempfile.mkdtemp(dir=staging_root, prefix=fqrn + "@")  # "@" never occurs in a fqrn
     except (IOError, OSError) as exc:
         raise SyncError("cannot create a staging folder in %s: %s" % (staging_root, exc.strerror or exc))
     try:
@@ -631,8 +635,12 @@ def _publish(server, fqrn, union, plan, staged, old_state, store, result, retrie
         return dict(revisions=list(result["revisions"]), published_changes=result.get("published_changes", 0))
 
     if plain or missing_parents:
-        with_busy_retries(lambda: server.transaction(fqrn), retries)
-        store.publishing()
+        store.publishing()  # before the transaction: a failure to write it must not leave one open
+        try:
+            with_busy_retries(lambda: server.transaction(fqrn), retries)
+        except BaseException:
+            store.done()
+            raise
         result["changed"] = True
         try:
             apply_plain(union, plain, staged, missing_parents)

@@ -347,8 +347,13 @@ def test_lost_or_corrupt_state_costs_a_recheck_not_a_wrong_repository(repo):
     assert repo.files() == {"d/b": sha(b"b changed"), "t/f": sha(b"f")}
 
 
-def test_files_are_world_readable(repo):
+def test_files_are_world_readable_and_staging_is_cleaned_up(repo):
+    staging = Path(repo.root) / "var/spool/cvmfs-publisher/staging"
+    leftover = staging / (repo.fqrn + "@killed-run")
+    leftover.mkdir(parents=True)
+    (leftover / "obj-partial").write_bytes(b"half a download")
     repo.put("cvmfs/r", b"r")
     repo.sync()
     mode = standin.published_manifest(repo.root, repo.fqrn)["r"]["mode"]
     assert mode & stat.S_IROTH, "CVMFS clients need world-readable files (%o)" % mode
+    assert not [p for p in staging.iterdir() if p.name.startswith(repo.fqrn + "@")]
