@@ -26,6 +26,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import functools
 import hashlib
 import os
 import random
@@ -666,7 +667,8 @@ def _publish(server, fqrn, union, plan, staged, old_state, store, result, retrie
         result["changed"] = True
         try:
             output = with_busy_retries(
-                lambda: server.ingest(fqrn, staged[change.key], change.path, change.path if exists else None),
+                functools.partial(server.ingest, fqrn, staged[change.key], change.path,
+                                  change.path if exists else None),
                 retries, what="ingest %s" % change.key)[1]
         except PublisherError as exc:
             store.done()

@@ -308,7 +308,8 @@ def state_identity(fqrn, bucket, prefix, tarballs):
 
 def dump_state(state, identity):
     """Serialize state compactly (one line per object) so 100,000 entries stay a few MB."""
-    lines = ['{"version": %d, "identity": %s, "objects": {' % (STATE_FORMAT_VERSION, json.dumps(identity, sort_keys=True))]
+    header = '{"version": %d, "identity": %s, "objects": {'
+    lines = [header % (STATE_FORMAT_VERSION, json.dumps(identity, sort_keys=True))]
     items = sorted(state.items())
     for index, (key, (etag, size, kind)) in enumerate(items):
         sep = "," if index < len(items) - 1 else ""
