@@ -127,7 +127,9 @@ notes:
     ("Could not delete and add a file in the same transaction while using gateway"), so replacing an already
     published tarball needs a CernVM-FS release without that restriction; adding and removing tarballs works.
 seealso:
+  - module: infn_cloud.cvmfs_publisher.cvmfs_repository
   - name: CernVM-FS ingest
+    description: How C(cvmfs_server ingest) publishes a tarball.
     link: https://cvmfs.readthedocs.io/en/stable/cpt-repo.html#ingesting-tarballs
 """
 
