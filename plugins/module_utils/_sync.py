@@ -49,8 +49,12 @@ try:
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.exceptions import BotoCoreError, ClientError
-except ImportError:  # _rgw.require_boto3 reports it
-    BotoCoreError = ClientError = Exception
+except ImportError:  # _rgw.require_boto3 reports it; these stand-ins only keep the except clauses valid
+    class BotoCoreError(Exception):
+        pass
+
+    class ClientError(Exception):
+        pass
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _naming as naming
