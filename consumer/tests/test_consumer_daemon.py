@@ -4,6 +4,7 @@ import threading
 import time
 
 import pika
+import pika.exceptions
 import pytest
 
 from cvmfs_publisher_consumer import amqp
@@ -29,6 +30,8 @@ class FakeBroker:
         self.queues.add(queue)
 
     def consume(self, queue, prefetch, on_message):
+        if queue == "forbidden":
+            raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
         if queue not in self.queues:
             return False
         self.callbacks[queue] = on_message
@@ -256,3 +259,11 @@ def test_shutdown_requeues_waiting_messages_and_finishes_running_ones(daemon):
     daemon._shutdown()
     assert sorted(daemon.broker.actions()) == [("ack", "alice"), ("requeue", "alice")]
     assert daemon.broker.callbacks == {}
+
+
+def test_a_queue_that_cannot_be_consumed_is_reported_and_skipped(daemon, caplog):
+    daemon._subscribe("forbidden", "forbidden.infn.it")
+    daemon._subscribe("missing", "missing.infn.it")
+    assert daemon._missing_queues == {"forbidden", "missing"}
+    assert any("ACCESS_REFUSED" in record.getMessage() for record in caplog.records)
+    assert set(daemon.broker.callbacks) == {"publisher", "alice", "bob"}

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Dict, Optional, Set
 
+import pika.exceptions
+
 from . import amqp
 from .batching import CHANGES, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
@@ -107,7 +109,8 @@ class Daemon:
                 self._connect()
                 delays = None
                 self._serve()
-            except amqp.CONNECTION_ERRORS as exc:
+            except amqp.CONNECTION_ERRORS + (pika.exceptions.AMQPError,) as exc:
+                # Any broker trouble not handled where it happened: start over on a fresh connection.
                 self._disconnected(exc)
                 if self.stopping:
                     break
@@ -218,7 +221,14 @@ class Daemon:
         self.scheduler.track(fqrn, self.clock())
         if self.broker.consuming(short):
             return
-        if not self.broker.consume(short, self.config["queues.sync_prefetch"], partial(self._on_sync_message, fqrn)):
+        try:
+            consuming = self.broker.consume(short, self.config["queues.sync_prefetch"],
+                                            partial(self._on_sync_message, fqrn))
+        except pika.exceptions.AMQPChannelError as exc:  # e.g. 403: this user may not read that queue
+            log.error("cannot consume queue %s of repository %s: %s", short, fqrn, exc,
+                      extra=fields(event="consume_failed", repository=fqrn, queue=short))
+            consuming = False
+        if not consuming:
             if short not in self._missing_queues:
                 log.warning("queue %s of repository %s does not exist; will look again", short, fqrn,
                             extra=fields(event="queue_missing", repository=fqrn, queue=short))
