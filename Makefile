@@ -67,34 +67,40 @@ test: install
 test-unit: install
 	$(PY) -m pytest tests/unit devstack/tests consumer/tests $(PYTEST_ARGS)
 
-# Quality gates (also run by `make test`): ruff, ansible-lint (production profile), ansible-test sanity on a clean
-# copy of the collection (tracked and new files, nothing ignored by git), then build the tarball, install it into a
-# scratch path and render every module's and role's documentation with ansible-doc from there.
+# Quality gates (also run by `make test`): ruff and ansible-lint (production profile) on the checkout; then build the
+# collection tarball from a clean copy (tracked and new files, nothing git ignores), run ansible-test sanity on the
+# tarball's content (what operators and Galaxy get), install it into a scratch path and render every module's and
+# role's documentation with ansible-doc from there.
 lint: install lint-install
-	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; \
-	lint_dir=$(ROOT)/.build/lint; copy=$$lint_dir/ansible_collections/infn_cloud/cvmfs_publisher; \
-	echo "== ruff"; ruff check .; \
-	echo "== ansible-lint"; ansible-lint -q; \
-	echo "== ansible-test sanity"; rm -rf $$lint_dir; mkdir -p $$copy; \
-	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $$copy; \
-	git -C $$copy init -q; git -C $$copy add -A; \
-	git -C $$copy -c user.name=lint -c user.email=lint@localhost commit -qm "lint snapshot"; \
+	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; failed=""; \
+	lint_dir=$(ROOT)/.build/lint; collection=ansible_collections/infn_cloud/cvmfs_publisher; \
+	echo "== ruff"; ruff check . || failed="$$failed ruff"; \
+	echo "== ansible-lint"; ansible-lint -q || failed="$$failed ansible-lint"; \
+	echo "== build"; rm -rf $$lint_dir; mkdir -p $$lint_dir/src/$$collection $$lint_dir/sanity/$$collection; \
+	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null \
+	  | tar -xf - -C $$lint_dir/src/$$collection; \
+	ansible-galaxy collection build --output-path $$lint_dir/dist $$lint_dir/src/$$collection; \
+	echo "== ansible-test sanity"; \
+	tar -xzf $$lint_dir/dist/*.tar.gz -C $$lint_dir/sanity/$$collection; \
+	git -C $$lint_dir/sanity/$$collection init -q; git -C $$lint_dir/sanity/$$collection add -A; \
+	git -C $$lint_dir/sanity/$$collection -c user.name=lint -c user.email=lint@localhost commit -qm "lint snapshot"; \
 	pip_version=$$($(PY) -c 'import re, ansible_test, pathlib; src = pathlib.Path(ansible_test.__file__).parent / "_internal/python_requirements.py"; print(re.search(r"pip=.([0-9.]+).", src.read_text()).group(1))'); \
 	mkdir -p $$HOME/.ansible/test/cache; \
 	install -m 0644 tests/sanity/get_pip_offline.py $$HOME/.ansible/test/cache/get_pip_$${pip_version//./_}.py; \
-	(cd $$copy && ansible-test sanity --python 3.11 --requirements --color no 2>&1 | sed '/is ignored: it is neither a file/d'); \
-	echo "== build, install, ansible-doc"; \
-	ansible-galaxy collection build --output-path $$lint_dir/dist $$copy >/dev/null; \
+	(cd $$lint_dir/sanity/$$collection && ansible-test sanity --python 3.11 --requirements --color no 2>&1 \
+	  | sed '/is ignored: it is neither a file/d') || failed="$$failed ansible-test-sanity"; \
+	echo "== install, ansible-doc"; \
 	ansible-galaxy collection install --offline -p $$lint_dir/installed $$lint_dir/dist/*.tar.gz >/dev/null; \
 	export ANSIBLE_COLLECTIONS_PATH=$$lint_dir/installed; \
-	modules=$$(cd $$copy/plugins/modules && ls *.py | grep -v '^__init__' | sed 's/\.py$$//'); \
+	modules=$$(cd $$lint_dir/sanity/$$collection/plugins/modules && ls *.py | grep -v '^__init__' | sed 's/\.py$$//'); \
 	for module in $$modules; do \
-	  ansible-doc -t module infn_cloud.cvmfs_publisher.$$module >/dev/null || { echo "ansible-doc cannot render module $$module" >&2; exit 1; }; \
+	  ansible-doc -t module infn_cloud.cvmfs_publisher.$$module >/dev/null || failed="$$failed ansible-doc:$$module"; \
 	done; \
-	for role in $$(ls $$copy/roles); do \
-	  ansible-doc -t role infn_cloud.cvmfs_publisher.$$role >/dev/null || { echo "ansible-doc cannot render role $$role" >&2; exit 1; }; \
+	for role in $$(ls $$lint_dir/sanity/$$collection/roles); do \
+	  ansible-doc -t role infn_cloud.cvmfs_publisher.$$role >/dev/null || failed="$$failed ansible-doc:$$role"; \
 	done; \
-	echo "lint: clean ($$(echo $$modules | wc -w) modules documented)"
+	if [ -n "$$failed" ]; then echo "lint FAILED:$$failed" >&2; exit 1; fi; \
+	echo "lint: clean ($$(echo $$modules | wc -w) modules and $$(ls $$lint_dir/sanity/$$collection/roles | wc -l) roles documented)"
 
 lint-install: $(VENV)/.lint.stamp
 $(VENV)/.lint.stamp: requirements-lint.txt $(VENV)/.stamp
