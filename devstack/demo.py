@@ -102,6 +102,10 @@ class Demo:
                 pass
         return out
 
+    def runs_in_flight(self):
+        events = [e.get("event") for e in self.events()]
+        return events.count("run_started") - sum(events.count(end) for end in ("run_succeeded", "run_failed", "run_interrupted"))
+
     def wait_for_event(self, predicate, what):
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
@@ -258,8 +262,10 @@ def main():
         print("published %.1f s after the deletions" % (time.monotonic() - started))
         demo.show_tree(tree)
 
-        runs = [e for e in demo.events() if e.get("event") == "run_succeeded"]
         step("The daemon's runs")
+        # The tree is published a moment before the run that published it reports back.
+        demo.wait_for_event(lambda _e: demo.runs_in_flight() == 0, "the last run to finish")
+        runs = [e for e in demo.events() if e.get("event") == "run_succeeded"]
         for event in runs:
             print("  %-9s %-16s %s" % (event.get("mode"), event.get("repository"),
                                        ", ".join("%s=%s" % (k, event[k]) for k in ("duration", "keys", "batch_size")
