@@ -209,6 +209,12 @@ class CvmfsServer:
     def from_params(cls, params, runner=None):
         return cls(params.get("cvmfs_server_bin"), params.get("cvmfs_root"), runner)
 
+    @classmethod
+    def for_module(cls, module):
+        """Commands run through AnsibleModule.run_command (argv as given: no ~ or $VAR expansion)."""
+        return cls.from_params(module.params, runner=lambda argv: module.run_command(
+            argv, handle_exceptions=False, expand_user_and_vars=False))
+
     # -- paths -------------------------------------------------------------------------------------------------
     def path(self, real_path):
         return rooted(self.root, real_path)

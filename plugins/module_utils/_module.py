@@ -17,6 +17,7 @@ __metaclass__ = type
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import InvalidName
 
 
 class PublisherError(Exception):
@@ -63,16 +64,23 @@ class PublisherModule(AnsibleModule):
         super(PublisherModule, self).__init__(argument_spec=spec, **kwargs)
 
     def run(self, func):
-        """Call ``func(self)`` and exit with its result dict; a PublisherError becomes a clear failure."""
+        """Call ``func(self)`` and exit with its result dict; a PublisherError becomes a clear failure.
+
+        A ``diff`` in the result is reported only when the operator asked for one (``--diff``).
+        """
         failure = None
         try:
             result = func(self)
         except PublisherError as exc:
             failure = dict(msg=exc.msg, **exc.details)
+        except InvalidName as exc:
+            failure = dict(msg=str(exc))
         except Exception as exc:  # a bug, not an operator error: keep the traceback for -vvv
             failure = dict(msg="unexpected error: %s: %s" % (type(exc).__name__, exc),
                            exception=traceback.format_exc())
         # fail_json outside the except block: inside it, ansible-core 2.19 attaches a placeholder traceback.
         if failure is not None:
             self.fail_json(**failure)
+        if not self._diff:
+            result.pop("diff", None)
         self.exit_json(**result)

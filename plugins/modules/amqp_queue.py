@@ -205,8 +205,6 @@ def run(module):
         result = ensure_queue_absent(api, module.params, module.check_mode)
     else:
         result = ensure_queue_present(api, module.params, module.check_mode)
-    if not module._diff:
-        result.pop("diff")
     return result
 
 

@@ -149,10 +149,9 @@ import os
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
-    PublisherError,
     PublisherModule,
 )
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import InvalidName, validate_fqrn
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import validate_fqrn
 
 DIFF_KEYS = ("exists", "stratum0", "upstream")
 
@@ -220,16 +219,12 @@ def main():
     )
 
     def run(module):
-        try:
-            fqrn = validate_fqrn(module.params["name"])
-        except InvalidName as exc:
-            raise PublisherError(str(exc))
-        server = cvmfs.CvmfsServer.from_params(module.params, runner=lambda argv: module.run_command(argv, handle_exceptions=False, expand_user_and_vars=False))
+        fqrn = validate_fqrn(module.params["name"])
+        server = cvmfs.CvmfsServer.for_module(module)
         ensure = ensure_present if module.params["state"] == "present" else ensure_absent
         result, before, after = ensure(module, server, fqrn)
-        if module._diff:
-            result["diff"] = dict(before=dict((k, before[k]) for k in DIFF_KEYS),
-                                  after=dict((k, after[k]) for k in DIFF_KEYS))
+        result["diff"] = dict(before=dict((k, before[k]) for k in DIFF_KEYS),
+                              after=dict((k, after[k]) for k in DIFF_KEYS))
         return result
 
     module.run(run)

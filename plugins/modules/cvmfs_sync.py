@@ -244,12 +244,8 @@ def main():
     )
 
     def run(module):
-        server = cvmfs.CvmfsServer.from_params(
-            module.params,
-            runner=lambda argv: module.run_command(argv, handle_exceptions=False, expand_user_and_vars=False))
-        result = sync.sync(module.params, check_mode=module.check_mode, server=server)
-        if module._diff:
-            result["diff"] = diff_of(result)
+        result = sync.sync(module.params, check_mode=module.check_mode, server=cvmfs.CvmfsServer.for_module(module))
+        result["diff"] = diff_of(result)
         return result
 
     module.run(run)

@@ -177,8 +177,6 @@ def run(module):
     if module.params["state"] == "present" and not module.params["events"]:
         raise PublisherError("events must list at least one S3 event type (for example s3:ObjectCreated:*)")
     result = ensure_bucket_notification(connect(module.params, "s3"), module.params, module.check_mode)
-    if not module._diff:
-        result.pop("diff")
     return result
 
 

@@ -190,8 +190,6 @@ ARGUMENT_SPEC = dict(
 
 def run(module):
     result = ensure_topic(connect(module.params, "sns"), module.params, module.check_mode)
-    if not module._diff:
-        result.pop("diff")
     return result
 
 

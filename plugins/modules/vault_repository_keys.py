@@ -159,11 +159,9 @@ from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _vault as vault
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
-    PublisherError,
     PublisherModule,
 )
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import (
-    InvalidName,
     validate_fqrn,
     vault_keys_path,
 )
@@ -233,21 +231,11 @@ def main():
         module.fail_json(msg=missing_required_lib("hvac"))
 
     def run(module):
-        try:
-            fqrn = validate_fqrn(module.params["repository"])
-        except InvalidName as exc:
-            raise PublisherError(str(exc))
+        fqrn = validate_fqrn(module.params["repository"])
         keys_dir = module.params["keys_dir"] or cvmfs.DEFAULT_KEYS_DIR
-        try:
-            if module.params["state"] == "present":
-                result = install_keys(module, fqrn, keys_dir)
-            else:
-                result = remove_keys(module, fqrn, keys_dir)
-        except InvalidName as exc:
-            raise PublisherError(str(exc))
-        if not module._diff:
-            del result["diff"]
-        return result
+        if module.params["state"] == "present":
+            return install_keys(module, fqrn, keys_dir)
+        return remove_keys(module, fqrn, keys_dir)
 
     module.run(run)
 
