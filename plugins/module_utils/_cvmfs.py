@@ -187,8 +187,9 @@ def repository_mismatches(config, stratum0_url, upstream):
 
 
 def _run_subprocess(argv):
+    # The exit code is the answer (see the contract), not an error: check=False.
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True)
+                          universal_newlines=True, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -18,12 +18,8 @@ __metaclass__ = type
 import json
 import socket
 
-try:
-    from urllib.parse import quote
-    from urllib.error import HTTPError, URLError
-except ImportError:  # pragma: no cover - Python 2 module machinery only
-    from urllib import quote  # noqa
-    from urllib2 import HTTPError, URLError  # noqa
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote
 
 from ansible.module_utils.urls import open_url
 

@@ -30,7 +30,6 @@ except ImportError:  # pragma: no cover - Python 2 module machinery only
 
 try:
     import boto3
-    import botocore
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.config import Config
@@ -431,8 +430,8 @@ def _assumed_role_session(session, params, endpoint_url, verify, config):
     sts = session.client("sts", endpoint_url=endpoint_url, verify=verify, config=config)
     action = "assume role %s" % params["assume_role_arn"]
     try:
-        credentials = sts.assume_role(RoleArn=params["assume_role_arn"],
-                                      RoleSessionName=params.get("role_session_name") or "cvmfs-publisher")["Credentials"]
+        session_name = params.get("role_session_name") or "cvmfs-publisher"
+        credentials = sts.assume_role(RoleArn=params["assume_role_arn"], RoleSessionName=session_name)["Credentials"]
     except (BotoCoreError, ClientError) as exc:
         raise PublisherError(describe_client_error(exc, action, endpoint_url))
     return boto3.session.Session(
@@ -589,7 +588,7 @@ def _client_error_from_http(response, operation):
 
 def remove_notification(s3, bucket, notification_id, count):
     """Remove every entry of one Id (RGW 16.2 keeps one per Id and topic), then check that none is left."""
-    for _ in range(count):
+    for _attempt in range(count):
         delete_notification(s3, bucket, notification_id)
     left = [c for c in get_topic_configurations(s3, bucket) if c.get("Id") == notification_id]
     if left:
