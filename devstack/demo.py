@@ -104,7 +104,8 @@ class Demo:
 
     def runs_in_flight(self):
         events = [e.get("event") for e in self.events()]
-        return events.count("run_started") - sum(events.count(end) for end in ("run_succeeded", "run_failed", "run_interrupted"))
+        ended = sum(events.count(end) for end in ("run_succeeded", "run_failed", "run_interrupted"))
+        return events.count("run_started") - ended
 
     def wait_for_event(self, predicate, what):
         deadline = time.monotonic() + WAIT

@@ -610,7 +610,7 @@ class Starter:
         wait_until(declare_exchange, "RabbitMQ (management API)", hint, procs=[broker])
         wait_until(lambda: port_open(layout.ports["amqp"]), "RabbitMQ (AMQP listener)", hint, procs=[broker])
 
-    # OpenBao: dev server, KV v2 at `secrets`, read-only AppRole --------------------------------------------------------
+    # OpenBao: dev server, KV v2 at `secrets`, read-only AppRole -------------------------------------------------
     def start_openbao(self):
         layout = self.layout
         bao_dir = layout.path("openbao")

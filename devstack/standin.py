@@ -824,7 +824,8 @@ def extract_tar(tar_file: str, union: str, base_dir: str) -> None:
                 source = os.path.join(base_path, *member_parts(member.linkname))
                 shutil.copy2(source, target, follow_symlinks=False)
             else:
-                raise StandinError(f"tar member {member.name!r} is a device or fifo; the stand-in does not ingest those")
+                raise StandinError(f"tar member {member.name!r} is a device or fifo; "
+                                   "the stand-in does not ingest those")
 
 
 def member_parts(name: str) -> list:

@@ -173,7 +173,9 @@ actions:
   returned: when O(state=present)
   type: list
   elements: str
-  sample: ["declare durable quorum queue 'alice'", "bind queue 'alice' to exchange 'notification' with routing key 'alice'"]
+  sample:
+    - declare durable quorum queue 'alice'
+    - bind queue 'alice' to exchange 'notification' with routing key 'alice'
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule

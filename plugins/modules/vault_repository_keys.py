@@ -175,12 +175,13 @@ def install_keys(module, fqrn, keys_dir):
     mount = params["kv_mount"]
     client = vault.VaultClient.login(params)
     try:
-        material = vault.repository_key_material(client, mount, path, fqrn, [field for _s, field, _m in cvmfs.KEY_FILES])
+        fields = [field for _s, field, _m in cvmfs.KEY_FILES]
+        material = vault.repository_key_material(client, mount, path, fqrn, fields)
     finally:
         client.logout()
     created_dir = cvmfs.ensure_directory(keys_dir, module.check_mode)
     plans = []
-    for (suffix, field, mode), file_path in zip(cvmfs.KEY_FILES, cvmfs.key_file_paths(keys_dir, fqrn)):
+    for (_suffix, field, mode), file_path in zip(cvmfs.KEY_FILES, cvmfs.key_file_paths(keys_dir, fqrn)):
         data = material[field].encode("utf-8")
         plan = cvmfs.plan_key_file(file_path, data, mode, uid, gid)
         if plan["changes"] and not module.check_mode:

@@ -33,7 +33,8 @@ FAKE_SERVER = textwrap.dedent("""\
         os.makedirs(conf_dir)
         with open(os.path.join(conf_dir, "server.conf"), "w") as conf:
             conf.write("# Created by cvmfs_server.\\nCVMFS_REPOSITORY_NAME=%%s\\nCVMFS_USER=%%s\\n"
-                       "CVMFS_STRATUM0=%%s\\nCVMFS_UPSTREAM_STORAGE=%%s\\n" %% (args[-1], opts["-o"], opts["-w"], opts["-u"]))
+                       "CVMFS_STRATUM0=%%s\\nCVMFS_UPSTREAM_STORAGE=%%s\\n"
+                       %% (args[-1], opts["-o"], opts["-w"], opts["-u"]))
     elif args[0] == "rmfs":
         os.remove(os.path.join(conf_dir, "server.conf"))
         os.rmdir(conf_dir)
@@ -146,7 +147,8 @@ class Recorder:
     (lambda s: s.publish(FQRN), ["publish", FQRN]),
     (lambda s: s.abort(FQRN), ["abort", "-f", FQRN]),
     (lambda s: s.ingest(FQRN, "/tmp/a.tar", "sw/a"), ["ingest", "-t", "/tmp/a.tar", "-b", "sw/a", FQRN]),
-    (lambda s: s.ingest(FQRN, "-", "sw/a", delete_path="sw/a"), ["ingest", "-t", "-", "-b", "sw/a", "-d", "sw/a", FQRN]),
+    (lambda s: s.ingest(FQRN, "-", "sw/a", delete_path="sw/a"),
+     ["ingest", "-t", "-", "-b", "sw/a", "-d", "sw/a", FQRN]),
     (lambda s: s.rmfs(FQRN, keep_keys=True), ["rmfs", "-f", "-p", FQRN]),
     (lambda s: s.mkfs(FQRN, STRATUM0, UPSTREAM, "/k", "cvmfs"),
      ["mkfs", "-w", STRATUM0, "-u", UPSTREAM, "-k", "/k", "-o", "cvmfs", FQRN]),
@@ -158,7 +160,8 @@ def test_server_commands(call, argv):
 
 
 def test_command_error_keeps_exit_code_and_stderr_tail():
-    recorder = Recorder(rc=17, stderr="\n".join("l%d" % i for i in range(40)) + "\nanother transaction is already open\n")
+    noise = "\n".join("l%d" % i for i in range(40))
+    recorder = Recorder(rc=17, stderr=noise + "\nanother transaction is already open\n")
     with pytest.raises(cvmfs.CvmfsCommandError) as err:
         cvmfs.CvmfsServer(runner=recorder).transaction(FQRN)
     assert err.value.rc == cvmfs.RC_ALREADY_IN_TRANSACTION

@@ -49,7 +49,8 @@ def test_absent_single_active_consumer_equals_false_and_classic_type_is_seen():
     existing = {"durable": True, "type": "classic", "arguments": {}}
     differences = mq.queue_differences(existing, mq.queue_arguments(single_active_consumer=False))
     assert differences == [("x-queue-type", "classic", "quorum")]
-    assert mq.describe_differences("queue", "a", differences) == "queue 'a' exists with x-queue-type='classic', asked 'quorum'"
+    assert mq.describe_differences("queue", "a", differences) == (
+        "queue 'a' exists with x-queue-type='classic', asked 'quorum'")
 
 
 def test_matching_queue_has_no_differences():
@@ -112,7 +113,8 @@ def test_present_declares_everything_then_is_idempotent():
     result = mq.ensure_queue_present(api, params, check_mode=False)
     assert result["changed"] and result["messages"] == 0 and result["routing_key"] == "alice"
     assert api.writes == [("exchange", "notification"), ("exchange", "dlx"), ("queue", "dead"),
-                          ("bind", "dlx", "dead", "dead"), ("queue", "alice"), ("bind", "notification", "alice", "alice")]
+                          ("bind", "dlx", "dead", "dead"), ("queue", "alice"),
+                          ("bind", "notification", "alice", "alice")]
     assert result["diff"]["before"] is None
     api.writes = []
     again = mq.ensure_queue_present(api, params, check_mode=False)
