@@ -1,7 +1,6 @@
 """rgw_bucket_notification against the local stack's real Ceph RGW 16.2, run through ansible as an operator does;
 the last test wires queue, topic and notification with the three modules and checks that an upload arrives."""
 import json
-import time
 
 import pika
 import pytest
@@ -116,8 +115,8 @@ def test_upload_reaches_the_queue_through_the_three_modules(stack, s3, unique_na
                     login_password_file="{{ cvmfs_publisher_rabbitmq_password_file }}")
     rc, queue = run_module("infn_cloud.cvmfs_publisher.amqp_queue", dict(rabbitmq, name=unique_name))
     assert rc == 0, queue
-    rc, topic = run_module("infn_cloud.cvmfs_publisher.rgw_topic",
-                           dict(CONNECTION, name=unique_name, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}"))
+    rc, topic = run_module("infn_cloud.cvmfs_publisher.rgw_topic", dict(
+        CONNECTION, name=unique_name, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}"))
     assert rc == 0, topic
     s3.create_bucket(Bucket=unique_name)
     rc, notification = run_module(MODULE, dict(CONNECTION, bucket=unique_name, topic_arn=topic["arn"]))
