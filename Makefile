@@ -90,8 +90,8 @@ lint: install lint-install
 	(cd $$lint_dir/sanity/$$collection && ansible-test sanity --python 3.11 --requirements --color no 2>&1 \
 	  | sed '/is ignored: it is neither a file/d') || failed="$$failed ansible-test-sanity"; \
 	echo "== install, ansible-doc"; \
-	ansible-galaxy collection install --offline -p $$lint_dir/installed $$lint_dir/dist/*.tar.gz >/dev/null; \
 	export ANSIBLE_COLLECTIONS_PATH=$$lint_dir/installed; \
+	ansible-galaxy collection install --offline -p $$lint_dir/installed $$lint_dir/dist/*.tar.gz >/dev/null; \
 	modules=$$(cd $$lint_dir/sanity/$$collection/plugins/modules && ls *.py | grep -v '^__init__' | sed 's/\.py$$//'); \
 	for module in $$modules; do \
 	  ansible-doc -t module infn_cloud.cvmfs_publisher.$$module >/dev/null || failed="$$failed ansible-doc:$$module"; \
