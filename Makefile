@@ -55,14 +55,20 @@ stack-up: install
 stack-down:
 	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down
 
-# Every test: unit, the stand-in's own tests, integration and end-to-end against a fresh local stack.
-test: install
-	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down >/dev/null 2>&1 || true
-	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack up
-	@set -o pipefail; rc=0; \
-	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
-	DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down || true; \
-	exit $$rc
+# Every test: the quality gates (make lint), then unit, the stand-in's own tests, integration and end-to-end tests
+# and the molecule scenario against a fresh local stack. Every part runs; the exit status says whether any failed.
+STACK_ENV = DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE)
+test: install lint-install
+	@failed=""; \
+	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(STACK_ENV) devstack/stack down >/dev/null 2>&1 || true; \
+	if $(STACK_ENV) devstack/stack up; then \
+	  $(STACK_ENV) $(PY) -m pytest $(PYTEST_ARGS) || failed="$$failed pytest"; \
+	  PATH=$(VENV)/bin:$$PATH $(STACK_ENV) $(VENV)/bin/molecule test -s default || failed="$$failed molecule"; \
+	else failed="$$failed stack-up"; fi; \
+	$(STACK_ENV) devstack/stack down || true; \
+	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed" >&2; exit 1; fi; \
+	echo "make test: every part passed"
 
 test-unit: install
 	$(PY) -m pytest tests/unit devstack/tests consumer/tests $(PYTEST_ARGS)
