@@ -176,8 +176,7 @@ ARGUMENT_SPEC = dict(
 def run(module):
     if module.params["state"] == "present" and not module.params["events"]:
         raise PublisherError("events must list at least one S3 event type (for example s3:ObjectCreated:*)")
-    result = ensure_bucket_notification(connect(module.params, "s3"), module.params, module.check_mode)
-    return result
+    return ensure_bucket_notification(connect(module.params, "s3"), module.params, module.check_mode)
 
 
 def main():

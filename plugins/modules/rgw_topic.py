@@ -189,8 +189,7 @@ ARGUMENT_SPEC = dict(
 
 
 def run(module):
-    result = ensure_topic(connect(module.params, "sns"), module.params, module.check_mode)
-    return result
+    return ensure_topic(connect(module.params, "sns"), module.params, module.check_mode)
 
 
 def main():

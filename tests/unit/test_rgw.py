@@ -270,13 +270,18 @@ def test_connect_reports_an_unreadable_secret_file(tmp_path):
 
 # -- topic operations with a stubbed RGW ----------------------------------------------------------------------
 
-@pytest.fixture
-def sns():
-    client = rgw.connect(params(), "sns")
+def stubbed_client(service):
+    """A client of the module_utils' own making whose answers come from the test (client.stub)."""
+    client = rgw.connect(params(), service)
     with Stubber(client) as stub:
         client.stub = stub
         yield client
         stub.assert_no_pending_responses()
+
+
+@pytest.fixture
+def sns():
+    yield from stubbed_client("sns")
 
 
 def expect_lookup(sns, attributes):
@@ -352,11 +357,7 @@ AUDIT = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3
 
 @pytest.fixture
 def s3():
-    client = rgw.connect(params(), "s3")
-    with Stubber(client) as stub:
-        client.stub = stub
-        yield client
-        stub.assert_no_pending_responses()
+    yield from stubbed_client("s3")
 
 
 def test_notification_unchanged_when_only_event_order_differs(s3):
