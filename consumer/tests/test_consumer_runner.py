@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_publisher_consumer.config import load
-from cvmfs_publisher_consumer.runner import PlaybookRunner, outcome_of, secret_values
+from cvmfs_publisher_consumer.runner import PlaybookRunner, module_death, outcome_of, secret_values
 
 PLAYBOOK_OK = """
 - hosts: localhost
@@ -35,7 +35,7 @@ PLAYBOOK_SLOW = """
 - hosts: localhost
   gather_facts: false
   tasks:
-    - ansible.builtin.command: sleep 60
+    - ansible.builtin.command: sleep 60.{{ cvmfs_repository | length }}7531
 """
 
 
@@ -85,6 +85,7 @@ def test_timeout_kills_the_run(project):
     result = runner.run("sync_playbook", {"cvmfs_repository": "alice.infn.it"}, "changes-alice")
     assert result.outcome == "timeout"
     assert time.monotonic() - started < 50
+    _wait_gone("sleep 60.137531", "the timed-out run's module")
 
 
 def test_cancel(project):
@@ -93,6 +94,7 @@ def test_cancel(project):
     result = runner.run("sync_playbook", {"cvmfs_repository": "alice.infn.it"}, "changes-alice",
                         cancel=lambda: time.monotonic() > deadline)
     assert result.outcome == "canceled"
+    _wait_gone("sleep 60.137531", "the cancelled run's module")
 
 
 @pytest.mark.parametrize("status, rc, stats, expected", [
@@ -108,29 +110,106 @@ def test_outcome(status, rc, stats, expected):
     assert outcome_of(status, rc, stats) == expected
 
 
-def test_guard_kills_the_playbook_when_the_daemon_dies(tmp_path):
-    """kill -9 of the daemon takes the whole run down: nothing keeps writing behind a restarted daemon."""
-    pid_file = tmp_path / "grandchild.pid"
-    fake_playbook = tmp_path / "fake-ansible-playbook"
-    fake_playbook.write_text("#!/bin/sh\nsleep 300 &\necho $! > %s\nwait\n" % pid_file)
-    fake_playbook.chmod(0o755)
+ISOLATIONS = ["pid-namespace", "subreaper"]
+
+
+def _processes_with(marker):
+    """Live processes whose command line holds ``marker`` (PIDs inside a run's namespace differ from ours)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline and _alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
+def _wait_gone(marker, what):
+    deadline = time.monotonic() + 20
+    while _processes_with(marker):
+        assert time.monotonic() < deadline, "%s: %s still running" % (what, _processes_with(marker))
+        time.sleep(0.1)
+
+
+def _wait_running(marker):
+    deadline = time.monotonic() + 20
+    while not _processes_with(marker):
+        assert time.monotonic() < deadline, "the fake playbook did not start"
+        time.sleep(0.1)
+
+
+def _fake_playbook(tmp_path, body):
+    """A stand-in for ansible-playbook that leaves a process in a session of its own, as ansible's workers do."""
+    marker = "%d.%d" % (os.getpid(), time.monotonic_ns() % 10**9)
+    path = tmp_path / "fake-ansible-playbook"
+    path.write_text("#!/bin/sh\nsetsid sleep 3%s &\n%s\n" % (marker, body))
+    path.chmod(0o755)
+    return path, "sleep 3" + marker
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_no_process_of_a_run_outlives_a_killed_daemon(tmp_path, monkeypatch, isolation):
+    """kill -9 of the daemon takes the whole run down, even what left the process group with setsid()."""
+    monkeypatch.setenv("CVMFS_PUBLISHER_RUN_ISOLATION", isolation)
+    fake_playbook, marker = _fake_playbook(tmp_path, "wait")
     guard = "import sys; from cvmfs_publisher_consumer.guard import main; sys.exit(main(%r))" % str(fake_playbook)
     daemon = subprocess.Popen([sys.executable, "-c", (
         "import os, subprocess, sys, time\n"
         "env = dict(os.environ, CVMFS_PUBLISHER_DAEMON_PID=str(os.getpid()))\n"
         "subprocess.Popen([sys.executable, '-c', %r], env=env, start_new_session=True)\n"
         "time.sleep(300)\n") % guard])
-    deadline = time.monotonic() + 20
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        assert time.monotonic() < deadline, "the fake playbook did not start"
-        time.sleep(0.1)
-    grandchild = int(pid_file.read_text())
+    _wait_running(marker)
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.wait()
-    deadline = time.monotonic() + 20
-    while _alive(grandchild):
-        assert time.monotonic() < deadline, "the playbook's children outlived the daemon"
-        time.sleep(0.1)
+    _wait_gone(marker, "the run outlived its daemon")
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_killed_playbook_is_named_and_takes_its_orphans_along(project, tmp_path, monkeypatch, isolation):
+    monkeypatch.setenv("CVMFS_PUBLISHER_RUN_ISOLATION", isolation)
+    fake_playbook, marker = _fake_playbook(tmp_path, "sleep 1\nkill -9 $$")
+    runner = make_runner(project, PLAYBOOK_OK, playbook_bin=str(fake_playbook))
+    result = runner.run("sync_playbook", {"cvmfs_repository": "alice.infn.it"}, "changes-alice")
+    assert (result.outcome, result.error) == ("killed", "ansible-playbook killed by signal 9 (SIGKILL)")
+    assert not _processes_with(marker), "an orphan of the run survived it"
+
+
+def test_guard_reports_how_the_playbook_ended(tmp_path, monkeypatch):
+    report = tmp_path / "report.json"
+    monkeypatch.setenv("CVMFS_PUBLISHER_RUN_REPORT", str(report))
+    for body, code, expected in (("exit 3", 3, {"exit": 3}), ("kill -TERM $$", 128 + 15, {"signal": 15})):
+        fake_playbook, _marker = _fake_playbook(tmp_path, body)
+        guard = subprocess.run([sys.executable, "-c", "import sys; from cvmfs_publisher_consumer.guard import main; "
+                                "sys.exit(main(%r))" % str(fake_playbook)], capture_output=True, text=True)
+        assert guard.returncode == code, guard.stderr
+        assert json.loads(report.read_text()) == dict(expected, isolation="pid-namespace")
+
+
+def test_a_module_that_dies_is_reported_as_such(project):
+    playbook = PLAYBOOK_SLOW.replace("ansible.builtin.command: sleep 60.{{ cvmfs_repository | length }}7531",
+                                     "ansible.builtin.shell: kill -9 $PPID; sleep 5")
+    assert "kill -9" in playbook
+    result = make_runner(project, playbook).run("sync_playbook", {"cvmfs_repository": "a.infn.it"}, "changes-a")
+    assert result.outcome == "failed"
+    assert "the module process died, killed by signal 9 (SIGKILL), before reporting a result" in result.error, \
+        result.error
+    assert "deserialization" not in result.error
+
+
+@pytest.mark.parametrize("res, expected", [
+    ({"msg": "Module result deserialization failed: No start of json char found", "rc": 137},
+     "the module process died, killed by signal 9 (SIGKILL), before reporting a result"),
+    ({"msg": "MODULE FAILURE\nSee stdout/stderr for the exact error", "rc": -15},
+     "the module process died, killed by signal 15 (SIGTERM), before reporting a result"),
+    ({"msg": "Module result deserialization failed.", "rc": 1},
+     "the module process died with exit code 1 without reporting a result"),
+    ({"msg": "lease busy", "rc": 137}, ""),
+])
+def test_module_death(res, expected):
+    assert module_death(res) == expected
 
 
 def _alive(pid):

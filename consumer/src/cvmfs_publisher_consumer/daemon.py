@@ -16,7 +16,7 @@ from typing import Dict, Optional, Set
 
 import pika.exceptions
 
-from . import amqp
+from . import amqp, guard
 from .batching import CHANGES, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
 from .logs import fields
@@ -103,6 +103,7 @@ class Daemon:
         if self.config["metrics.port"]:
             self.metrics.serve(self.config["metrics.address"], self.config["metrics.port"])
         log.info("starting", extra=fields(event="starting", pid=os.getpid(), config=self.config.path))
+        self._log_isolation()
         delays = None
         while not self.stopping:
             try:
@@ -119,6 +120,17 @@ class Daemon:
                 self._wait(next(delays))
         self._shutdown()
         return 0
+
+    @staticmethod
+    def _log_isolation():
+        isolation = guard.isolation_available()
+        if isolation == guard.PID_NAMESPACE:
+            log.info("each run gets a PID namespace: no process of a run outlives the daemon",
+                     extra=fields(event="run_isolation", isolation=isolation))
+        else:
+            log.warning("no PID namespace for runs (needs CAP_SYS_ADMIN): a run's orphans are killed when it ends or "
+                        "the daemon dies, but not if its guard process is killed itself",
+                        extra=fields(event="run_isolation", isolation=isolation))
 
     def _connect(self):
         self.broker.connect()

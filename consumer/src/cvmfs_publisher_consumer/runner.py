@@ -6,14 +6,15 @@ environment, so it is rewritten without it, and any secret the daemon knows is r
 Extravars hold only names and keys (never secrets); connection settings come from the operator's vars files
 by path (``-e @file``), and those hold only paths to secret files.
 
-The playbook runs under ``guard.py``: if the daemon dies (even ``kill -9``) the whole run dies with it, so a
-restarted or another daemon never meets a leftover run of the same repository.
+The playbook runs under ``guard.py``, in a PID namespace of its own: if the daemon dies (even ``kill -9``) every
+process of the run dies with it, so a restarted or another daemon never meets a leftover run of the same repository.
 """
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 import ansible_runner
 import yaml
 
+from .guard import DAEMON_PID_ENV, REPORT_ENV
+
 log = logging.getLogger("cvmfs_publisher.runner")
 
 REDACTED = "********"
@@ -33,7 +36,7 @@ MAX_ERROR_LENGTH = 500
 @dataclass
 class RunResult:
     playbook: str
-    outcome: str                     # "successful", "failed", "timeout", "canceled", "error"
+    outcome: str                     # "successful", "failed", "killed", "timeout", "canceled", "error"
     rc: Optional[int]
     duration: float
     error: str = ""                  # what failed, for the log and the status file (module messages are secret-free)
@@ -69,9 +72,29 @@ class _EventErrors:
             if data.get("ignore_errors"):
                 return True
             res = data.get("res") or {}
-            message = res.get("msg") or res.get("stderr") or "failed"
+            message = module_death(res) or res.get("msg") or res.get("stderr") or "failed"
             self.error = "%s: %s" % (data.get("task") or "task", str(message).strip())[:MAX_ERROR_LENGTH]
         return True  # keep the event on disk too (only kept for failed runs, after scrubbing)
+
+
+def signal_text(number: int) -> str:
+    try:
+        return "killed by signal %d (%s)" % (number, signal.Signals(number).name)
+    except ValueError:
+        return "killed by signal %d" % number
+
+
+def module_death(res: Dict) -> str:
+    """What to say when a module's process died before printing its result (ansible only says that the result
+    could not be read): killed by a signal, or exited without a result."""
+    if not str(res.get("msg", "")).startswith(("Module result deserialization failed", "MODULE FAILURE")):
+        return ""
+    rc = res.get("rc")
+    if not isinstance(rc, int):
+        return "the module process died without reporting a result"
+    if rc < 0 or rc > 128:  # a signal: negative from a direct child, 128+N through the shell that ran it
+        return "the module process died, %s, before reporting a result" % signal_text(-rc if rc < 0 else rc - 128)
+    return "the module process died with exit code %d without reporting a result" % rc
 
 
 def _default_playbook_bin() -> str:
@@ -120,9 +143,10 @@ class PlaybookRunner:
         if self.settings["verbosity"]:
             arguments.append("-" + "v" * self.settings["verbosity"])
         arguments.append(shlex.quote(os.path.join(self.settings["project_dir"], playbook)))
+        report_path = os.path.join(private_dir, "run-report.json")
+        envvars = dict(self.settings["env"], **{DAEMON_PID_ENV: str(os.getpid()), REPORT_ENV: report_path})
         kwargs = dict(private_data_dir=private_dir, project_dir=self.settings["project_dir"], playbook=playbook,
-                      extravars=extravars, cmdline=" ".join(arguments), binary=self._guard,
-                      envvars=dict(self.settings["env"], CVMFS_PUBLISHER_DAEMON_PID=str(os.getpid())),
+                      extravars=extravars, cmdline=" ".join(arguments), binary=self._guard, envvars=envvars,
                       timeout=self.settings["timeout"], quiet=True, event_handler=errors, cancel_callback=cancel,
                       settings={"suppress_ansible_output": True})
         if self.settings["inventory"]:
@@ -134,6 +158,9 @@ class PlaybookRunner:
             status, rc, stats = "error", None, None
             errors.error = errors.error or "ansible-runner could not run %s: %s" % (playbook, exc)
         outcome = outcome_of(status, rc, stats)
+        killed = _killed_by(report_path) if outcome == "failed" else None
+        if killed:
+            outcome, errors.error = "killed", "ansible-playbook %s" % signal_text(killed)
         run_result = RunResult(playbook=playbook, outcome=outcome, rc=rc, duration=time.monotonic() - started,
                                stats=stats or {})
         if not run_result.ok:
@@ -207,6 +234,16 @@ class PlaybookRunner:
 
     def failed_runs(self) -> List[str]:
         return sorted(os.listdir(self.failed_dir))
+
+
+def _killed_by(report_path: str) -> Optional[int]:
+    """The signal that killed ansible-playbook, from the guard's report (None if it exited or nothing says)."""
+    try:
+        with open(report_path, encoding="utf-8") as handle:
+            number = json.load(handle).get("signal")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return number if isinstance(number, int) else None
 
 
 def secret_values(extravars_files: Iterable[str], extra_paths: Iterable[str] = ()) -> List[str]:
