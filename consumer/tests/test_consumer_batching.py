@@ -57,8 +57,13 @@ def test_provisioning_goes_first_and_identical_requests_share_a_run():
     assert scheduler.take_ready(now=0)[0].request == "req-b"
 
 
+class NoJitter(random.Random):
+    def random(self):
+        return 0.0
+
+
 def test_full_reconcile_when_due_takes_waiting_events_along():
-    scheduler = Scheduler(max_parallel=1, full_interval=60)
+    scheduler = Scheduler(max_parallel=1, full_interval=60, rng=NoJitter())
     scheduler.track("a.x.org", now=0)
     assert scheduler.take_ready(now=59) == []
     scheduler.add("a.x.org", sync(1, "k"))
@@ -118,3 +123,57 @@ def test_a_batch_with_many_keys_runs_as_one_full_sync():
     scheduler.add("a.x.org", sync(4, "k3"))
     [big] = scheduler.take_ready(now=0)
     assert (big.mode, big.keys, [m.ref for m in big.messages], big.size) == (FULL, ["k1", "k2", "k3"], [3, 4], 3)
+
+
+def test_the_first_full_reconcile_of_each_lane_falls_at_a_random_point_of_the_first_interval():
+    scheduler = Scheduler(max_parallel=100, full_interval=3600, rng=random.Random(7))
+    lanes = ["r%02d.x.org" % i for i in range(50)]
+    for lane in lanes:
+        scheduler.track(lane, now=0)
+    due_at = {}
+    for minute in range(61):
+        for batch in scheduler.take_ready(now=minute * 60):
+            assert batch.mode == FULL
+            due_at[batch.lane] = minute
+            scheduler.finished(batch, True, minute * 60)
+    assert set(due_at) == set(lanes)  # every lane within the first interval ...
+    assert len(set(due_at.values())) > 20  # ... spread over it, not all at once
+
+
+def test_after_a_failed_run_the_lane_backs_off_whatever_arrives_and_others_go_on():
+    scheduler = Scheduler(max_parallel=4, backoff=lambda failures: 10.0 * 2 ** (failures - 1))
+    scheduler.add("a.x.org", sync(1, "k"))
+    [failed] = scheduler.take_ready(now=0)
+    scheduler.finished(failed, succeeded=False, now=1)
+    scheduler.add("a.x.org", sync(2, "new"))           # a fresh event, no retry header of its own
+    scheduler.add("b.x.org", sync(3, "k"))
+    [other] = scheduler.take_ready(now=1)
+    assert other.lane == "b.x.org"                     # another repository is not delayed
+    assert scheduler.backing_off("a.x.org", now=2) == 9.0
+    assert scheduler.take_ready(now=10.9) == []
+    [again] = scheduler.take_ready(now=11)
+    assert [m.ref for m in again.messages] == [2]
+    scheduler.finished(again, succeeded=False, now=12)
+    assert scheduler.backing_off("a.x.org", now=12) == 20.0  # doubles with each consecutive failure
+    scheduler.add("a.x.org", sync(4, "k"))
+    assert scheduler.take_ready(now=31.9) == []
+    [third] = scheduler.take_ready(now=32)
+    scheduler.finished(third, succeeded=True, now=33)
+    scheduler.add("a.x.org", sync(5, "k"))
+    assert scheduler.backing_off("a.x.org", now=33) == 0.0 and scheduler.take_ready(now=33)  # reset on success
+
+
+def test_dead_lettered_messages_bring_a_full_sync_once_the_lane_may_run_until_one_succeeds():
+    scheduler = Scheduler(max_parallel=1, backoff=lambda failures: 5.0)
+    scheduler.add("a.x.org", sync(1, "k"))
+    [failed] = scheduler.take_ready(now=0)
+    scheduler.finished(failed, succeeded=False, now=0)
+    scheduler.reconcile_soon("a.x.org")                # its message went to the dead-letter queue
+    assert scheduler.take_ready(now=4) == []           # the cause may still be there: wait the backoff
+    [full] = scheduler.take_ready(now=5)
+    assert (full.mode, full.messages) == (FULL, [])
+    scheduler.finished(full, succeeded=False, now=5)
+    [full_again] = scheduler.take_ready(now=10)
+    assert full_again.mode == FULL
+    scheduler.finished(full_again, succeeded=True, now=10)
+    assert scheduler.take_ready(now=10 ** 6) == []     # done: no periodic reconcile configured

@@ -22,7 +22,7 @@ def test_defaults_and_values(project):
     config = load(str(project["config_path"]), environ={})
     assert config["amqp.host"] == "127.0.0.1"
     assert config["queues.sync_prefetch"] == 1000
-    assert config["sync.full_reconcile_interval"] == 0.0
+    assert config["sync.full_reconcile_interval"] == 21600.0  # on by default: no lost event waits on a person
     assert config["queues.dead_letter"] == "cvmfs-publisher.dlq"
     assert config.section("amqp")["port"] == 5672
 

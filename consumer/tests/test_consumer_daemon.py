@@ -1,5 +1,6 @@
 """The daemon's decisions with a fake broker and a fake runner: what gets acked, retried, dead-lettered, run."""
 import json
+import logging
 import threading
 import time
 
@@ -22,6 +23,7 @@ class FakeBroker:
         self.generation = 1
         self.is_open = False
         self._tag = 0
+        self.dead_letters = []      # (origin queue, cause) in the dead-letter queue
 
     def connect(self, declare_dead_letter=True):
         self.is_open = True
@@ -61,9 +63,18 @@ class FakeBroker:
         self.settled.append(("retry", delivery.queue, delivery.body, (attempts, not_before)))
         return True
 
-    def dead_letter(self, delivery, reason, attempts):
+    def dead_letter(self, delivery, reason, attempts, cause):
         self.settled.append(("dead-letter", delivery.queue, delivery.body, (reason, attempts)))
+        self.dead_letters.append((delivery.queue, cause))
         return True
+
+    def sweep_dead_letters(self, remove_from=()):
+        found = {}
+        for queue, cause in self.dead_letters:
+            if cause == amqp.TRANSIENT:
+                found[queue] = found.get(queue, 0) + 1
+        self.dead_letters = [(q, c) for q, c in self.dead_letters if not (c == amqp.TRANSIENT and q in remove_from)]
+        return found
 
     def wake(self, callback):
         pass
@@ -219,6 +230,57 @@ def test_failed_run_is_retried_with_attempts_then_dead_lettered(daemon):
     assert reason == "changes run failed 5 times; last error: Publish: gateway said no"
     status = StatusFile.read(daemon.config["state_dir"])
     assert status["repositories"]["alice.infn.it"]["last_error"] == "Publish: gateway said no"
+
+
+def _logged(caplog, event):
+    return [record.fields for record in caplog.records if (getattr(record, "fields", None) or {}).get("event") == event]
+
+
+def test_dead_lettering_is_logged_and_brings_a_full_sync_that_supersedes_the_dead_letters(daemon, caplog):
+    caplog.set_level(logging.INFO)
+    daemon.runner.outcomes = ["failed"]
+    daemon.broker.deliver("alice", event("cvmfs/a"), headers={amqp.ATTEMPTS_HEADER: 4})  # max_attempts is 5
+    daemon.broker.deliver("alice", event("cvmfs/b"), headers={amqp.ATTEMPTS_HEADER: 4})
+    daemon._start_ready()
+    settle(daemon)
+    [record] = _logged(caplog, "dead_letter")
+    assert (record["repository"], record["count"], record["cause"]) == ("alice.infn.it", 2, "transient")
+    assert record["reason"] == "changes run failed 5 times; last error: Publish: gateway said no"
+    assert len(daemon.broker.dead_letters) == 2
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 1               # the lane backs off first
+    daemon.clock_value[0] += 11                       # retry_initial_delay is 10 (with jitter: 5-10)
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1] == ("sync_playbook", {"cvmfs_repository": "alice.infn.it", "cvmfs_sync_mode": "full"})
+    assert daemon.broker.dead_letters == []           # superseded by the successful full sync
+    [cleared] = _logged(caplog, "dead_letters_cleared")
+    assert (cleared["repository"], cleared["count"]) == ("alice.infn.it", 2)
+
+
+def test_dead_letters_left_by_an_earlier_daemon_bring_a_full_sync(daemon, caplog):
+    daemon.broker.dead_letters = [("bob", amqp.TRANSIENT), ("bob", amqp.MALFORMED), ("gone", amqp.TRANSIENT)]
+    daemon._connect()
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs == [("sync_playbook", {"cvmfs_repository": "bob.infn.it", "cvmfs_sync_mode": "full"})]
+    assert daemon.broker.dead_letters == [("bob", amqp.MALFORMED), ("gone", amqp.TRANSIENT)]
+
+
+def test_after_a_failed_run_new_events_wait_for_the_backoff_other_repositories_do_not(daemon):
+    daemon.runner.outcomes = ["failed"]
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon._start_ready()
+    settle(daemon)
+    daemon.broker.deliver("alice", event("cvmfs/new"))   # a fresh event: no retry header
+    daemon.broker.deliver("bob", event("cvmfs/b", bucket="bob"))
+    daemon._start_ready()
+    settle(daemon)
+    assert [r[1]["cvmfs_repository"] for r in daemon.runner.runs] == ["alice.infn.it", "bob.infn.it"]
+    daemon.clock_value[0] += 11
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1][1]["cvmfs_sync_keys"] == ["cvmfs/new"]  # the retry copy comes back on its own
 
 
 def test_a_retry_copy_waits_for_its_time(daemon):

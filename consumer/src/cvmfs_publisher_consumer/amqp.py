@@ -19,6 +19,10 @@ NOT_BEFORE_HEADER = "x-cvmfs-publisher-not-before-ms"  # epoch milliseconds (AMQ
 REASON_HEADER = "x-cvmfs-publisher-reason"
 ORIGIN_HEADER = "x-cvmfs-publisher-queue"
 DEAD_LETTERED_AT_HEADER = "x-cvmfs-publisher-dead-lettered-at"
+CAUSE_HEADER = "x-cvmfs-publisher-cause"
+TRANSIENT = "transient"   # its runs kept failing: a full sync of the repository supersedes it once one succeeds
+MALFORMED = "malformed"   # can never succeed: stays for an operator
+SWEEP_LIMIT = 10000       # dead letters looked at per sweep; the rest wait for the next one
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 PERSISTENT = pika.DeliveryMode.Persistent
 
@@ -250,9 +254,34 @@ class Broker:
             return self.ack(delivery)
         return self.requeue(delivery)
 
-    def dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> bool:
+    def dead_letter(self, delivery: Delivery, reason: str, attempts: int, cause: str) -> bool:
         headers = {REASON_HEADER: reason[:1000], ATTEMPTS_HEADER: attempts, ORIGIN_HEADER: delivery.queue,
-                   DEAD_LETTERED_AT_HEADER: int(time.time())}
+                   DEAD_LETTERED_AT_HEADER: int(time.time()), CAUSE_HEADER: cause}
         if self._publish_copy(delivery, self.dead_letter_queue, headers):
             return self.ack(delivery)
         return self.requeue(delivery)
+
+    def sweep_dead_letters(self, remove_from=()) -> Dict[str, int]:
+        """Transient dead letters per origin queue; those from a queue in ``remove_from`` are removed (a full sync
+        of their repository succeeded since). Every other message goes back to the dead-letter queue."""
+        channel = self._connection.channel()
+        found: Dict[str, int] = {}
+        kept = None
+        try:
+            for _ in range(SWEEP_LIMIT):
+                method, properties, _body = channel.basic_get(self.dead_letter_queue, auto_ack=False)
+                if method is None:
+                    break
+                origin = header(properties, ORIGIN_HEADER)
+                if header(properties, CAUSE_HEADER) == TRANSIENT and isinstance(origin, str):
+                    found[origin] = found.get(origin, 0) + 1
+                    if origin in remove_from:
+                        channel.basic_ack(method.delivery_tag)
+                        continue
+                kept = method.delivery_tag
+            if kept is not None:
+                channel.basic_nack(kept, multiple=True, requeue=True)
+        finally:
+            if channel.is_open:
+                channel.close()  # anything still unsettled goes back too
+        return found

@@ -7,10 +7,15 @@ run slot is free; then all waiting sync messages become one ``changes`` run over
 ``full`` run when they are so many that listing the bucket is cheaper (provisioning requests for the lane go
 first, identical requests share one run). The messages of a run are settled together when it ends: acked on
 success, retried or dead-lettered on failure.
+
+After a failed run the whole lane backs off (``backoff(consecutive failures)`` seconds), whatever new events
+arrive meanwhile; other lanes are not delayed. A lane gets a ``full`` run every ``full_interval`` seconds (the
+first one at a random point of the first interval, so repositories do not all reconcile at once), and as soon as
+its backoff allows after some of its messages were dead-lettered, until one such run succeeds.
 """
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 PROVISION = "provision"
 CHANGES = "changes"
@@ -47,14 +52,20 @@ class _Lane:
     running: Optional[Batch] = None
     last_full: float = 0.0
     reconcile: bool = False         # a periodic full sync is configured for this lane
+    failures: int = 0               # consecutive failed runs
+    not_before: float = 0.0         # the lane's backoff after a failed run
+    needs_full: bool = False        # messages were dead-lettered: a full sync brings the repository back
 
 
 class Scheduler:
-    def __init__(self, max_parallel: int, full_interval: float = 0.0, full_threshold: int = 0):
+    def __init__(self, max_parallel: int, full_interval: float = 0.0, full_threshold: int = 0,
+                 backoff: Callable[[int], float] = lambda failures: 0.0, rng: random.Random = None):
         self.max_parallel = max_parallel
         self.full_interval = full_interval
         # From this many distinct keys on, one listing of the bucket (full) is cheaper than a look at each key.
         self.full_threshold = full_threshold
+        self.backoff = backoff
+        self._rng = rng or random.Random()
         self._lanes: Dict[str, _Lane] = {}
 
     def _lane(self, name) -> _Lane:
@@ -64,7 +75,16 @@ class Scheduler:
         """A repository this daemon consumes: its periodic full sync (if configured) counts from now."""
         state = self._lane(lane)
         if not state.reconcile:
-            state.reconcile, state.last_full = True, now
+            state.reconcile, state.last_full = True, now - self._rng.random() * self.full_interval
+
+    def reconcile_soon(self, lane: str):
+        """Some of the lane's messages were dead-lettered: a full sync as soon as the lane may run."""
+        self._lane(lane).needs_full = True
+
+    def backing_off(self, lane: str, now: float) -> float:
+        """Seconds the lane still waits after a failed run (0: none)."""
+        state = self._lanes.get(lane)
+        return max(0.0, state.not_before - now) if state else 0.0
 
     def add(self, lane: str, message: Pending):
         self._lane(lane).pending.append(message)
@@ -103,7 +123,7 @@ class Scheduler:
         return self.full_interval > 0 and state.reconcile and now - state.last_full >= self.full_interval
 
     def _next_batch(self, name: str, state: _Lane, now: float) -> Optional[Batch]:
-        if any(m.not_before > now for m in state.pending):
+        if state.not_before > now or any(m.not_before > now for m in state.pending):
             return None
         provisions = [m for m in state.pending if m.kind == PROVISION]
         if provisions:
@@ -112,7 +132,7 @@ class Scheduler:
             self._remove(state, same)
             return Batch(name, PROVISION, same, request=first)
         syncs = [m for m in state.pending if m.kind == CHANGES]
-        if self._full_due(state, now):
+        if state.needs_full or self._full_due(state, now):
             # A full sync also covers every waiting event.
             self._remove(state, syncs)
             return Batch(name, FULL, syncs)
@@ -132,8 +152,13 @@ class Scheduler:
     def finished(self, batch: Batch, succeeded: bool, now: float):
         state = self._lane(batch.lane)
         state.running = None
-        if succeeded and batch.mode == FULL:
-            state.last_full = now
+        if not succeeded:
+            state.failures += 1
+            state.not_before = now + self.backoff(state.failures)
+            return
+        state.failures, state.not_before = 0, 0.0
+        if batch.mode == FULL:
+            state.last_full, state.needs_full = now, False
 
     def drain(self) -> List[Pending]:
         """Every waiting (not running) message, removed: for a shutdown or a lost connection."""

@@ -81,7 +81,8 @@ FIELDS: Dict[str, Field] = {
     "sync.max_attempts": Field(int, 5, _positive),
     "sync.retry_initial_delay": Field(float, 10.0, _positive),
     "sync.retry_max_delay": Field(float, 600.0, _positive),
-    "sync.full_reconcile_interval": Field(float, 0.0, _not_negative),
+    "sync.full_reconcile_interval": Field(float, 21600.0, _not_negative, doc="seconds between full syncs of each "
+                                          "repository (0: never); docs/operator-guide.md says why 6 h"),
     "sync.full_sync_threshold": Field(int, 500, _not_negative, doc="a batch with this many distinct keys runs "
                                       "as one full sync (0: never)"),
     "ansible.project_dir": Field(str, doc="folder the playbook paths are relative to (the collection root)"),
