@@ -74,7 +74,8 @@ test-unit: install
 	$(PY) -m pytest tests/unit devstack/tests consumer/tests $(PYTEST_ARGS)
 
 # Quality gates (also run by `make test`): ruff and ansible-lint (production profile) on the checkout; then build the
-# collection tarball from a clean copy (tracked and new files, nothing git ignores), run ansible-test sanity on the
+# collection tarball from a clean copy (tracked and new files, nothing git ignores); lint the changelog fragments and
+# check CHANGELOG.md is what changelogs/changelog.yaml renders; run ansible-test sanity on the
 # tarball's content (what operators and Galaxy get), install it into a scratch path and render every module's and
 # role's documentation with ansible-doc from there.
 lint: install lint-install
@@ -86,6 +87,12 @@ lint: install lint-install
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null \
 	  | tar -xf - -C $$lint_dir/src/$$collection; \
 	ansible-galaxy collection build --output-path $$lint_dir/dist $$lint_dir/src/$$collection; \
+	echo "== changelog"; \
+	(antsibull-changelog lint && antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml \
+	  && (cd $$lint_dir/src/$$collection && antsibull-changelog generate) \
+	  && { cmp -s CHANGELOG.md $$lint_dir/src/$$collection/CHANGELOG.md \
+	       || { echo "CHANGELOG.md differs from what changelogs/changelog.yaml renders: run antsibull-changelog generate" >&2; false; }; }) \
+	  || failed="$$failed changelog"; \
 	echo "== ansible-test sanity"; \
 	tar -xzf $$lint_dir/dist/*.tar.gz -C $$lint_dir/sanity/$$collection; \
 	git -C $$lint_dir/sanity/$$collection init -q; git -C $$lint_dir/sanity/$$collection add -A; \
