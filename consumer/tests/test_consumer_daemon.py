@@ -45,6 +45,9 @@ class FakeBroker:
     def single_active_consumer_problem(self, queue):
         return None
 
+    def queue_exists(self, queue):
+        return {"alice": 3}.get(queue, 0) if queue in self.queues else None
+
     def deliver(self, queue, body, headers=None):
         self._tag += 1
         delivery = amqp.Delivery(queue, self._tag, body, pika.BasicProperties(headers=headers), None, 1)
@@ -329,3 +332,24 @@ def test_a_queue_that_cannot_be_consumed_is_reported_and_skipped(daemon, caplog)
     assert daemon._missing_queues == {"forbidden", "missing"}
     assert any("ACCESS_REFUSED" in record.getMessage() for record in caplog.records)
     assert set(daemon.broker.callbacks) == {"publisher", "alice", "bob"}
+
+
+def test_queue_depths_reach_the_metrics_the_status_file_and_the_page(daemon):
+    from prometheus_client import generate_latest
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon.runner.auto = False
+    daemon._start_ready()
+    started(daemon, 1)
+    daemon.broker.deliver("alice", event("cvmfs/b"))   # waits behind the running batch
+    daemon._probe_depths()
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert 'cvmfs_publisher_repository_queue_messages{repository="alice.infn.it"} 3.0' in text
+    assert 'cvmfs_publisher_repository_queue_messages{repository="bob.infn.it"} 0.0' in text
+    assert 'cvmfs_publisher_repository_pending_messages{repository="alice.infn.it"} 2.0' in text
+    status = StatusFile.read(daemon.config["state_dir"])
+    assert status["queue_depths"]["alice"] == 3 and status["queues"]["publisher"] == daemon.config["queues.publisher"]
+    assert status["host"]
+    page = daemon.status_page().decode()
+    assert "alice.infn.it" in page and "bob.infn.it" in page and "(this daemon)" in page
+    daemon.runner.gate.release()
+    settle(daemon)

@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -19,11 +20,13 @@ import pika.exceptions
 from . import amqp, guard
 from .batching import CHANGES, FULL, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
+from .depths import DepthProbe
 from .logs import fields
 from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys, validate_fqrn
 from .metrics import Metrics
 from .runner import PlaybookRunner, RunResult, secret_values
-from .status import StatusFile
+from .status import StatusFile, read_status
+from .statuspage import render as render_status_page
 
 log = logging.getLogger("cvmfs_publisher")
 
@@ -88,6 +91,7 @@ class Daemon:
         self._results: "queue.Queue" = queue.Queue()
         self._in_flight = 0
         self._next_rescan = 0.0
+        self.depths = DepthProbe()
         self.stopping = False
         self._cancel_runs = False
 
@@ -102,7 +106,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         if self.config["metrics.port"]:
-            self.metrics.serve(self.config["metrics.address"], self.config["metrics.port"])
+            self.metrics.serve(self.config["metrics.address"], self.config["metrics.port"], page=self.status_page)
         log.info("starting", extra=fields(event="starting", pid=os.getpid(), config=self.config.path))
         self._log_isolation()
         delays = None
@@ -189,6 +193,7 @@ class Daemon:
             self._settle_finished()
             self._start_ready()
             self._rescan()
+            self._probe_depths()
 
     def _shutdown(self):
         """Stop consuming, let running runs finish for ``shutdown_grace`` seconds, then cancel them; every
@@ -241,6 +246,10 @@ class Daemon:
         self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
 
     def _subscribe(self, short: str, fqrn: str):
+        if short not in self.repositories:
+            last = self.status.repository(fqrn).get("last_publish")
+            if last:  # the metric survives a restart, so "behind" alerts compare against the real last publish
+                self.metrics.last_publish.labels(fqrn).set(last)
         self.repositories[short] = fqrn
         self.scheduler.track(fqrn, self.clock())
         if self.broker.consuming(short):
@@ -440,10 +449,32 @@ class Daemon:
         log.info("full sync of %s succeeded: removed its %d dead-lettered message(s)", fqrn, removed,
                  extra=fields(event="dead_letters_cleared", repository=fqrn, count=removed))
 
+    # -- what operators look at ----------------------------------------------------------------------------
+
+    def _probe_depths(self):
+        if not self.depths.due():
+            return
+        publisher, dead_letter = self.config["queues.publisher"], self.config["queues.dead_letter"]
+        depths = self.depths.probe(self.broker, [publisher, dead_letter] + sorted(self.repositories))
+        self.metrics.provisioning_messages.set(depths.get(publisher) or 0)
+        self.metrics.dead_letter_messages.set(depths.get(dead_letter) or 0)
+        held = {batch.lane: len(batch.messages) for batch in self.scheduler.running}
+        for short, fqrn in self.repositories.items():
+            self.metrics.queue_messages.labels(fqrn).set(depths.get(short) or 0)
+            self.metrics.pending_messages.labels(fqrn).set(self.scheduler.waiting(fqrn) + held.get(fqrn, 0))
+        self._save_status()
+
+    def status_page(self) -> bytes:
+        """The page at ``/`` (HTTP thread): rendered from the status file, never from live daemon state."""
+        return render_status_page(read_status(self.config["state_dir"]), self.clock())
+
     def _save_status(self):
         try:
             self.status.save(connected=self.broker.is_open, consuming=sorted(self.repositories.values()),
-                             missing_queues=sorted(self._missing_queues), runs_in_progress=self._in_flight)
+                             missing_queues=sorted(self._missing_queues), runs_in_progress=self._in_flight,
+                             host=socket.gethostname(), queue_depths=self.depths.depths,
+                             queues={"publisher": self.config["queues.publisher"],
+                                     "dead_letter": self.config["queues.dead_letter"]})
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc.strerror, extra=fields(event="status_failed"))
 

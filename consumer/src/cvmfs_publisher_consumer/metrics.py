@@ -1,12 +1,14 @@
 """Prometheus metrics and the health endpoint, served on ``metrics.address:metrics.port``.
 
 ``/metrics`` is the Prometheus text format; ``/healthz`` answers 200 while the daemon is connected to
-RabbitMQ and its I/O loop is turning, 503 otherwise (for systemd watchdogs, load balancers, Kubernetes probes).
+RabbitMQ and its I/O loop is turning, 503 otherwise (for systemd watchdogs, load balancers, Kubernetes probes);
+``/`` is the read-only status page (statuspage.py) when the daemon gives one.
 """
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -40,6 +42,15 @@ class Metrics:
         self.connected = Gauge("cvmfs_publisher_amqp_connected", "1 while connected to RabbitMQ", registry=r)
         self.repositories = Gauge("cvmfs_publisher_repositories_consumed", "Repository queues consumed",
                                   registry=r)
+        self.queue_messages = Gauge("cvmfs_publisher_repository_queue_messages", "Messages ready in the "
+                                    "repository's queue (probed every few seconds)", ["repository"], registry=r)
+        self.pending_messages = Gauge("cvmfs_publisher_repository_pending_messages", "Messages of the repository "
+                                      "the daemon holds, not yet settled (waiting or in a run)", ["repository"],
+                                      registry=r)
+        self.dead_letter_messages = Gauge("cvmfs_publisher_dead_letter_queue_messages", "Messages in the "
+                                          "dead-letter queue", registry=r)
+        self.provisioning_messages = Gauge("cvmfs_publisher_provisioning_queue_messages", "Messages ready in the "
+                                           "provisioning queue", registry=r)
         self._alive = 0.0
         self.is_connected = False
 
@@ -53,7 +64,8 @@ class Metrics:
     def healthy(self) -> bool:
         return self.is_connected and time.monotonic() - self._alive < LOOP_STALL_SECONDS
 
-    def serve(self, address: str, port: int) -> ThreadingHTTPServer:
+    def serve(self, address: str, port: int, page: Optional[Callable[[], bytes]] = None) -> ThreadingHTTPServer:
+        """Serve in a daemon thread; ``page`` (if given) renders the status page at ``/``."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,12 +76,19 @@ class Metrics:
                     healthy = metrics.healthy()
                     body = json.dumps({"status": "ok" if healthy else "unhealthy"}).encode()
                     self._reply(200 if healthy else 503, "application/json", body)
+                elif self.path in ("/", "/index.html") and page:
+                    # Nothing but inline style may load or run, even if a value slipped past the escaping.
+                    self._reply(200, "text/html; charset=utf-8", page(), {
+                        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
                 else:
                     self._reply(404, "text/plain", b"not found\n")
 
-            def _reply(self, code, content_type, body):
+            def _reply(self, code, content_type, body, headers=None):
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

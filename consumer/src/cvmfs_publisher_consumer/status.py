@@ -11,6 +11,15 @@ from typing import Dict, Optional
 FILE_NAME = "status.json"
 
 
+def read_status(state_dir: str) -> Optional[Dict]:
+    """The last status the daemon wrote, or None (none yet, or unreadable)."""
+    try:
+        with open(os.path.join(state_dir, FILE_NAME), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 class StatusFile:
     def __init__(self, state_dir: str, clock=time.time):
         self.path = os.path.join(state_dir, FILE_NAME)
@@ -20,11 +29,7 @@ class StatusFile:
 
     @staticmethod
     def read(state_dir: str) -> Optional[Dict]:
-        try:
-            with open(os.path.join(state_dir, FILE_NAME), encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return None
+        return read_status(state_dir)
 
     def repository(self, fqrn: str) -> Dict:
         return self.data["repositories"].setdefault(fqrn, {})
