@@ -1,11 +1,11 @@
-"""``cvmfs-publisher run | status | check-config`` (exit 2 on a bad configuration)."""
+"""``cvmfs-publisher run | status | check-config | dlq ...`` (exit 2 on a bad configuration)."""
 import argparse
 import datetime
 import json
 import logging
 import sys
 
-from . import logs
+from . import dlq, logs
 from .config import ConfigError, listed, load
 from .status import StatusFile
 
@@ -83,10 +83,15 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per repository: queue depth, last publish, last error")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("check-config", help="validate the configuration and print it")
+    dlq.add_parser(sub)
     return p
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "check-config": cmd_check_config}
+def cmd_dlq(config, args) -> int:
+    return dlq.run(config, args)
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "check-config": cmd_check_config, "dlq": cmd_dlq}
 
 
 def main(argv=None) -> int:
