@@ -4,7 +4,9 @@ SHELL := /bin/bash
 ROOT := $(abspath .)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := ceph-mon ceph-osd radosgw ceph-common rabbitmq-server rclone
+# openjdk-17-jre-headless: ansible-rulebook's rule engine (Drools); chromium: the status page's browser test;
+# prometheus: promtool, which checks docs/monitoring/alerts.yml in `make lint`.
+APT_PACKAGES := ceph-mon ceph-osd radosgw ceph-common rabbitmq-server rclone openjdk-17-jre-headless chromium prometheus
 COLLECTION_LINK := $(ROOT)/.build/collections/ansible_collections/infn_cloud/cvmfs_publisher
 # The test stack lives apart from the demo stack, so both can run side by side.
 TEST_STACK_DIR ?= $(ROOT)/.devstack/test
@@ -22,7 +24,7 @@ all: install
 install: apt venv collection
 
 apt: .build/apt.stamp
-.build/apt.stamp:
+.build/apt.stamp: Makefile
 	@mkdir -p .build
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -83,6 +85,8 @@ lint: install lint-install
 	lint_dir=$(ROOT)/.build/lint; collection=ansible_collections/infn_cloud/cvmfs_publisher; \
 	echo "== ruff"; ruff check . || failed="$$failed ruff"; \
 	echo "== ansible-lint"; ansible-lint -q || failed="$$failed ansible-lint"; \
+	echo "== promtool"; (cd docs/monitoring && promtool check rules alerts.yml && promtool test rules alerts.test.yml) \
+	  || failed="$$failed promtool"; \
 	echo "== build"; rm -rf $$lint_dir; mkdir -p $$lint_dir/src/$$collection $$lint_dir/sanity/$$collection; \
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null \
 	  | tar -xf - -C $$lint_dir/src/$$collection; \
