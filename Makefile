@@ -79,7 +79,8 @@ test-unit: install
 # collection tarball from a clean copy (tracked and new files, nothing git ignores); lint the changelog fragments and
 # check CHANGELOG.md is what changelogs/changelog.yaml renders; run ansible-test sanity on the
 # tarball's content (what operators and Galaxy get), install it into a scratch path and render every module's and
-# role's documentation with ansible-doc from there.
+# role's documentation with ansible-doc from there; antsibull-docs lints the installed collection's documentation
+# (markup, references between options, modules and roles).
 lint: install lint-install
 	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; failed=""; \
 	lint_dir=$(ROOT)/.build/lint; collection=ansible_collections/infn_cloud/cvmfs_publisher; \
@@ -116,6 +117,9 @@ lint: install lint-install
 	for role in $$(ls $$lint_dir/sanity/$$collection/roles); do \
 	  ansible-doc -t role infn_cloud.cvmfs_publisher.$$role >/dev/null || failed="$$failed ansible-doc:$$role"; \
 	done; \
+	echo "== antsibull-docs lint-collection-docs"; \
+	antsibull-docs lint-collection-docs --plugin-docs $$lint_dir/installed/$$collection \
+	  || failed="$$failed antsibull-docs"; \
 	if [ -n "$$failed" ]; then echo "lint FAILED:$$failed" >&2; exit 1; fi; \
 	echo "lint: clean ($$(echo $$modules | wc -w) modules and $$(ls $$lint_dir/sanity/$$collection/roles | wc -l) roles documented)"
 

@@ -32,9 +32,12 @@ attributes:
     description: Before and after of the queue's durability, arguments and binding.
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.amqp) or C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults)
+      to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.amqp
+      - infn_cloud.cvmfs_publisher.all
 options:
   name:
     description:

@@ -37,7 +37,9 @@ attributes:
     description: Before and after of C(exists), C(stratum0) and C(upstream).
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.cvmfs) or C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults)
+      to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.cvmfs
       - infn_cloud.cvmfs_publisher.all

@@ -46,7 +46,9 @@ attributes:
     description: One line per path, C(+) added, C(~) updated, C(-) deleted (up to O(max_reported_paths) each).
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.rgw), C(group/infn_cloud.cvmfs_publisher.cvmfs) or
+      C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults) to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
       - infn_cloud.cvmfs_publisher.cvmfs

@@ -35,9 +35,12 @@ attributes:
     description: Before and after of notification O(id) (other Ids are not shown).
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.rgw) or C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults)
+      to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
+      - infn_cloud.cvmfs_publisher.all
 options:
   bucket:
     description:

@@ -34,9 +34,12 @@ attributes:
     description: Before and after of the topic's attributes, push endpoint password masked.
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.rgw) or C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults)
+      to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.rgw
+      - infn_cloud.cvmfs_publisher.all
 options:
   name:
     description:

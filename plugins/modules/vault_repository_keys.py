@@ -41,7 +41,9 @@ attributes:
     description: Per file, before and after of existence, mode and sha256 fingerprint; never the content.
   action_group:
     support: full
-    description: Its connection options can be set once with C(module_defaults) for the group.
+    description: >-
+      Use C(group/infn_cloud.cvmfs_publisher.vault) or C(group/infn_cloud.cvmfs_publisher.all) in C(module_defaults)
+      to set its connection options once.
     membership:
       - infn_cloud.cvmfs_publisher.vault
       - infn_cloud.cvmfs_publisher.all
