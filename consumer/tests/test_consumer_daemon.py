@@ -297,21 +297,38 @@ def test_a_retry_copy_waits_for_its_time(daemon):
     assert daemon.broker.actions() == [("ack", "alice")]
 
 
-def test_other_bucket_and_outside_prefix_are_acked_unknown_bucket_and_hostile_keys_dead_lettered(daemon):
+def test_records_are_judged_one_by_one_only_unreadable_messages_are_dead_lettered(daemon, caplog):
     daemon.broker.deliver("alice", event("cvmfs/a", bucket="bob"))
     daemon.broker.deliver("alice", event("other/a"))
     daemon.broker.deliver("alice", event("cvmfs/a", bucket="mallory"))
     daemon.broker.deliver("alice", event("cvmfs/../../etc/passwd"))
     daemon.broker.deliver("alice", b"{not json")
     daemon.broker.deliver("alice", b"\x00\xff")
+    daemon.broker.deliver("alice", b'{"Records": [{"eventName": "ObjectCreated:Put"}]}')
     daemon._start_ready()
     assert daemon.runner.runs == []
-    assert daemon.broker.actions() == [("ack", "alice"), ("ack", "alice")] + [("dead-letter", "alice")] * 4
+    assert daemon.broker.actions() == [("ack", "alice")] * 4 + [("dead-letter", "alice")] * 3
     reasons = [extra[0] for action, _q, _b, extra in daemon.broker.settled if action == "dead-letter"]
-    assert "unknown bucket 'mallory'" in reasons[0]
-    assert "'..' path segment" in reasons[1]
-    assert "not valid JSON" in reasons[2]
-    assert "not UTF-8" in reasons[3]
+    assert "not valid JSON" in reasons[0]
+    assert "not UTF-8" in reasons[1]
+    assert reasons[2] == "Records[0]: s3.bucket.name missing"
+    refused = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "object_refused"]
+    assert [(r.fields["repository"], r.fields["key"], r.fields["category"]) for r in refused] == [
+        ("alice.infn.it", "cvmfs/../../etc/passwd", "key")]
+    assert "'..' path segment" in refused[0].fields["reason"]
+    sample = daemon.metrics.registry.get_sample_value("cvmfs_publisher_objects_refused_total",
+                                                      {"repository": "alice.infn.it", "reason": "key"})
+    assert sample == 1.0
+
+
+def test_a_bad_record_does_not_drop_the_good_one_beside_it(daemon):
+    body = json.dumps({"Records": [json.loads(event("cvmfs/../x"))["Records"][0],
+                                   json.loads(event("cvmfs/good"))["Records"][0]]}).encode()
+    daemon.broker.deliver("alice", body)
+    daemon._start_ready()
+    settle(daemon)
+    assert [run[1].get("cvmfs_sync_keys") for run in daemon.runner.runs] == [["cvmfs/good"]]
+    assert daemon.broker.actions() == [("ack", "alice")]
 
 
 def test_shutdown_requeues_waiting_messages_and_finishes_running_ones(daemon):

@@ -112,13 +112,20 @@ def test_bad_events_say_why(body, reason):
 
 @pytest.mark.parametrize("key, reason", [
     ("cvmfs/../etc/passwd", "'..' path segment"),
-    ("cvmfs/a/./b", "'.' or '..'"),
+    ("cvmfs/a/./b", "'.' path segment"),
     ("cvmfs//etc/passwd", "absolute path"),
-    ("cvmfs/a//b", "empty"),
+    ("cvmfs/a//b", "empty path segment"),
+    ("cvmfs/dir/", "empty path segment"),
     ("cvmfs/.cvmfs/snapshots", ".cvmfs at the top"),
     ("cvmfs/a/.wh.b", "whiteout"),
+    ("cvmfs/a/.cvmfsautocatalog", "which CVMFS manages"),
     ("cvmfs/a\nb", "control characters"),
-    ("cvmfs/" + "a" * 1100, "longer than 1024"),
+    ("cvmfs/a\x85b", "control characters"),
+    ("cvmfs/a\ud800b", "not valid UTF-8"),
+    ("cvmfs/" + "a" * 300, "name longer than 255 bytes"),
+    ("cvmfs/" + "a" * 1100, "longer than 1024 bytes"),
+    ("other/a", "outside the prefix"),
+    ("cvmfs/", "the prefix itself"),
 ])
 def test_hostile_keys(key, reason):
     with pytest.raises(MessageError, match=reason):
@@ -127,8 +134,8 @@ def test_hostile_keys(key, reason):
 
 def test_fine_keys():
     assert check_key("cvmfs/a/b c/.cvmfscatalog", "cvmfs/") == "a/b c/.cvmfscatalog"
-    assert check_key("cvmfs/dir/", "cvmfs/") == "dir/"
     assert check_key("cvmfs/sub/.cvmfs", "cvmfs/") == "sub/.cvmfs"
+    assert check_key("cvmfs/" + "é" * 127, "cvmfs/") == "é" * 127
 
 
 def test_touched_keys_filters_and_deduplicates():
@@ -139,11 +146,24 @@ def test_touched_keys_filters_and_deduplicates():
     assert touches.keys == ("cvmfs/a",)
     assert len(touches.ignored) == 4
     assert any("outside the prefix" in reason for reason in touches.ignored)
-    assert any("bucket 'bob'" in reason for reason in touches.ignored)
+    assert any("another repository's bucket 'bob'" in reason for reason in touches.ignored)
 
 
-def test_unknown_bucket_and_hostile_key_reject_the_message():
-    with pytest.raises(MessageError, match="unknown bucket 'mallory'"):
-        touched_keys(parse_s3_event(rgw_event(bucket="mallory")), "alice", "cvmfs/", {"alice"})
-    with pytest.raises(MessageError, match=r"'\.\.' path segment"):
-        touched_keys(parse_s3_event(rgw_event("cvmfs/a/../../x")), "alice", "cvmfs/", {"alice"})
+def test_each_record_is_judged_on_its_own():
+    """A hostile key, an unknown bucket and a malformed record do not drop the good records beside them."""
+    body = json.dumps({"Records": [
+        json.loads(rgw_event("cvmfs/good1"))["Records"][0],
+        json.loads(rgw_event("cvmfs/a/../../x"))["Records"][0],
+        json.loads(rgw_event("cvmfs/x", bucket="mallory"))["Records"][0],
+        {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "alice"}}},
+        json.loads(rgw_event("cvmfs/good2"))["Records"][0],
+    ]}).encode()
+    problems = []
+    events = parse_s3_event(body, problems)
+    assert problems == ["Records[3]: s3.object.key missing"]
+    touches = touched_keys(events, "alice", "cvmfs/", {"alice"})
+    assert touches.keys == ("cvmfs/good1", "cvmfs/good2")
+    assert touches.refused == (("cvmfs/a/../../x", "object key 'cvmfs/a/../../x' has a '..' path segment"),)
+    assert touches.ignored == ("event for unknown bucket 'mallory', not 'alice'",)
+    with pytest.raises(MessageError, match=r"Records\[3\]: s3.object.key missing"):
+        parse_s3_event(body)

@@ -34,6 +34,7 @@ CVMFS_MAGIC_FILES = (".cvmfscatalog", ".cvmfsautocatalog")
 # Managed by CVMFS, never by a user upload.
 REFUSED_NAMES = {".cvmfsautocatalog": "'.cvmfsautocatalog' is managed by CVMFS (automatic nested catalogs)"}
 NAME_MAX_BYTES = 255
+KEY_MAX_BYTES = 1024
 PATH_MAX_BYTES = 4000
 _CONTROL_CHARACTERS = re.compile(u"[\x00-\x1f\x7f-\x9f]")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -53,6 +54,17 @@ def etag_is_md5(etag):
     return bool(_MD5_ETAG.match(normalize_etag(etag)))
 
 
+def _utf8_length(text, what):
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise Refused("%s is not valid UTF-8 text" % what)
+
+
+def has_control_character(text):
+    return bool(_CONTROL_CHARACTERS.search(text))
+
+
 def check_relative_path(path, what):
     """Raise Refused unless ``path`` is a plain relative path that stays where it is put."""
     if not path:
@@ -61,7 +73,7 @@ def check_relative_path(path, what):
         raise Refused("%s contains a control character" % what)
     if path.startswith("/"):
         raise Refused("%s is absolute" % what)
-    if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX_BYTES:
+    if _utf8_length(path, what) > PATH_MAX_BYTES:
         raise Refused("%s is longer than %d bytes" % (what, PATH_MAX_BYTES))
     for segment in path.split("/"):
         if segment == "":
@@ -72,7 +84,7 @@ def check_relative_path(path, what):
             raise Refused("%s has an overlay whiteout name '%s'" % (what, segment))
         if segment in REFUSED_NAMES:
             raise Refused("%s: %s" % (what, REFUSED_NAMES[segment]))
-        if len(segment.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        if _utf8_length(segment, what) > NAME_MAX_BYTES:
             raise Refused("%s has a name longer than %d bytes" % (what, NAME_MAX_BYTES))
     if path.split("/", 1)[0] == ".cvmfs":
         raise Refused("%s is under the reserved top-level directory '.cvmfs'" % what)
@@ -91,6 +103,8 @@ def object_path(key, prefix):
     """The repository path of ``key``; Refused when the key lies outside ``prefix`` or would escape the repository."""
     if not key.startswith(prefix):
         raise Refused("key is outside the prefix %r" % prefix)
+    if _utf8_length(key, "key") > KEY_MAX_BYTES:
+        raise Refused("key is longer than %d bytes (S3's limit)" % KEY_MAX_BYTES)
     return check_relative_path(key[len(prefix):], "key")
 
 

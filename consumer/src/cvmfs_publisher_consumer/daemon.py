@@ -297,10 +297,13 @@ class Daemon:
 
     def _on_sync_message(self, fqrn: str, delivery: amqp.Delivery):
         self.metrics.received.labels(REPOSITORY).inc()
+        problems = []
         try:
-            events = parse_s3_event(delivery.body)
+            events = parse_s3_event(delivery.body, problems)
             touches = touched_keys(events, bucket=delivery.queue, prefix=self.config["repositories.prefix"],
                                    known_buckets=set(self.repositories))
+            if problems and not events:
+                raise MessageError("; ".join(problems))
         except MessageError as exc:
             self._reject(delivery, REPOSITORY, str(exc), repository=fqrn)
             return
@@ -309,14 +312,23 @@ class Daemon:
                          repository=fqrn)
             log.exception("unexpected error reading an event")
             return
-        for reason in touches.ignored:
+        for reason in problems + list(touches.ignored):
             self.metrics.ignored.inc()
             log.info("event record ignored: %s", reason, extra=fields(event="ignored", repository=fqrn))
+        for key, reason in touches.refused:
+            self.refused(fqrn, key, reason, "key")
         if not touches.keys:
             if self.broker.ack(delivery):
                 self.metrics.acked.labels(REPOSITORY).inc()
             return
         self.scheduler.add(fqrn, self._pending(delivery, CHANGES, keys=touches.keys))
+
+    def refused(self, fqrn: str, key: str, reason: str, category: str, etag: str = ""):
+        """One object the publisher will not publish as it is: one log line, one count."""
+        self.metrics.objects_refused.labels(fqrn, category).inc()
+        log.warning("object refused: %s: %s", key, reason,
+                    extra=fields(event="object_refused", repository=fqrn, key=key, reason=reason, category=category,
+                                 etag=etag))
 
     @staticmethod
     def _pending(delivery, kind, **what) -> Pending:

@@ -15,8 +15,7 @@ from urllib.parse import unquote_plus
 FQRN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
 SHORT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9_.@-]{0,127}$")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-MAX_KEY_LENGTH = 1024  # S3's own limit on object keys
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class MessageError(ValueError):
@@ -143,16 +142,27 @@ class ObjectEvent:
     size: int = 0
 
 
-def parse_s3_event(body: bytes) -> List[ObjectEvent]:
+def parse_s3_event(body: bytes, problems: Optional[List[str]] = None) -> List[ObjectEvent]:
     """RGW's ``{"Records":[…]}`` (raw keys, numeric sizes, no ``s3:`` prefix) and AWS's form
-    (``s3:`` prefix, URL-encoded keys with '+' for space, sizes as strings). An AWS ``s3:TestEvent`` gives []."""
+    (``s3:`` prefix, URL-encoded keys with '+' for space, sizes as strings). An AWS ``s3:TestEvent`` gives [].
+
+    Each record is judged on its own: with a ``problems`` list, a malformed record is described there and the
+    others are still returned; without one, the first malformed record raises MessageError."""
     data = _json_object(_decode_text(body), "event", "a JSON object with a Records list")
     if data.get("Event") == "s3:TestEvent":
         return []
     records = data.get("Records")
     if not isinstance(records, list) or not records:
         raise MessageError("event has no Records list")
-    return [_parse_record(index, record) for index, record in enumerate(records)]
+    events = []
+    for index, record in enumerate(records):
+        try:
+            events.append(_parse_record(index, record))
+        except MessageError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+    return events
 
 
 def _parse_record(index, record) -> ObjectEvent:
@@ -181,54 +191,85 @@ def _parse_record(index, record) -> ObjectEvent:
     return ObjectEvent(bucket=bucket["name"], key=key, name=name, size=size)
 
 
+# Object keys: the same verdicts as the collection's _sync_plan.object_path (a hypothesis test in
+# tests/unit/test_hostile_properties.py runs both over the same generated keys and requires equal answers).
+MAX_KEY_BYTES = 1024        # S3's own limit on object keys
+MAX_SEGMENT_BYTES = 255     # NAME_MAX
+MAX_PATH_BYTES = 4000       # below PATH_MAX with room for /cvmfs/<fqrn>/
+RESERVED_SEGMENTS = {"": "an empty path segment ('//')", ".": "a '.' path segment", "..": "a '..' path segment",
+                     ".cvmfsautocatalog": "'.cvmfsautocatalog', which CVMFS manages"}
+
+
+def _utf8_length(text: str) -> int:
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise MessageError("object key %r is not valid UTF-8 text" % text) from None
+
+
 def check_key(key: str, prefix: str) -> str:
     """The key's path inside the repository; MessageError if it could escape the repository or is reserved."""
-    if len(key) > MAX_KEY_LENGTH:
-        raise MessageError("object key longer than %d characters" % MAX_KEY_LENGTH)
-    if CONTROL_CHARACTERS.search(key):
-        raise MessageError("object key %r contains control characters" % key)
+    if not key.startswith(prefix):
+        raise MessageError("object key %r is outside the prefix %r" % (key, prefix))
+    if _utf8_length(key) > MAX_KEY_BYTES:
+        raise MessageError("object key longer than %d bytes" % MAX_KEY_BYTES)
     relative = key[len(prefix):]
+    if not relative:
+        raise MessageError("object key %r is the prefix itself" % key)
+    if CONTROL_CHARACTERS.search(relative):
+        raise MessageError("object key %r contains control characters" % key)
     if relative.startswith("/"):
         raise MessageError("object key %r: absolute path after the prefix %r" % (key, prefix))
-    segments = relative.rstrip("/").split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise MessageError("object key %r: empty, '.' or '..' path segment" % key)
+    if _utf8_length(relative) > MAX_PATH_BYTES:
+        raise MessageError("object key %r: path longer than %d bytes" % (key, MAX_PATH_BYTES))
+    segments = relative.split("/")
+    for segment in segments:
+        if segment in RESERVED_SEGMENTS:
+            raise MessageError("object key %r has %s" % (key, RESERVED_SEGMENTS[segment]))
+        if segment.startswith(".wh."):
+            raise MessageError("object key %r: overlay whiteout names (.wh.*) are reserved" % key)
+        if _utf8_length(segment) > MAX_SEGMENT_BYTES:
+            raise MessageError("object key %r has a name longer than %d bytes" % (key, MAX_SEGMENT_BYTES))
     if segments[0] == ".cvmfs":
         raise MessageError("object key %r: .cvmfs at the top of a repository is reserved" % key)
-    if any(segment.startswith(".wh.") for segment in segments):
-        raise MessageError("object key %r: overlay whiteout names (.wh.*) are reserved" % key)
     return relative
 
 
 @dataclass(frozen=True)
 class Touches:
     """What one event message means for its repository."""
-    keys: Tuple[str, ...]             # object keys to bring in line with the bucket
-    ignored: Tuple[str, ...]          # why records were skipped (for the log)
+    keys: Tuple[str, ...]                       # object keys to bring in line with the bucket
+    ignored: Tuple[str, ...]                    # why records were skipped (for the log)
+    refused: Tuple[Tuple[str, str], ...] = ()   # (key, reason): keys the publisher never publishes
 
 
 def touched_keys(events: List[ObjectEvent], bucket: str, prefix: str, known_buckets=()) -> Touches:
-    """Keep the records that concern ``bucket`` under ``prefix``.
+    """Keep the records that concern ``bucket`` under ``prefix``, each record judged on its own.
 
-    A record of another repository's bucket (misrouted) or outside the prefix is skipped and reported;
-    a bucket that is no repository's at all, or a hostile key, makes the whole message a MessageError.
+    A record of another bucket (misrouted, or no repository's at all), outside the prefix or a folder marker
+    is skipped with its reason; a key the publisher refuses (check_key) is listed in ``refused``. Neither
+    stops the other records of the message.
     """
-    keys, ignored = [], []
+    keys, ignored, refused = [], [], []
     for event in events:
         if event.bucket != bucket:
-            if event.bucket not in known_buckets:
-                raise MessageError("event for unknown bucket %r on the queue of bucket %r" % (event.bucket, bucket))
-            ignored.append("event for bucket %r, not %r" % (event.bucket, bucket))
+            known = "another repository's" if event.bucket in known_buckets else "unknown"
+            ignored.append("event for %s bucket %r, not %r" % (known, event.bucket, bucket))
             continue
         if not event.key.startswith(prefix):
             ignored.append("key %r outside the prefix %r" % (event.key, prefix))
             continue
-        if event.key == prefix:
-            ignored.append("key %r is the prefix itself" % event.key)
+        if event.key == prefix or event.key.endswith("/"):
+            ignored.append("key %r is a folder marker" % event.key)
             continue
         if not (event.name.startswith("ObjectCreated") or event.name.startswith("ObjectRemoved")):
             ignored.append("event %r is neither a creation nor a removal" % event.name)
             continue
-        check_key(event.key, prefix)
+        try:
+            check_key(event.key, prefix)
+        except MessageError as exc:
+            refused.append((event.key, str(exc)))
+            continue
         keys.append(event.key)
-    return Touches(keys=tuple(dict.fromkeys(keys)), ignored=tuple(ignored))
+    return Touches(keys=tuple(dict.fromkeys(keys)), ignored=tuple(ignored),
+                   refused=tuple(dict.fromkeys(refused)))

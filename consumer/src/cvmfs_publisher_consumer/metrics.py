@@ -27,6 +27,9 @@ class Metrics:
                                "the prefix, not a change", registry=r)
         self.dead_lettered = Counter("cvmfs_publisher_events_dead_lettered", "Messages sent to the dead-letter "
                                      "queue", ["queue", "cause"], registry=r)
+        self.objects_refused = Counter("cvmfs_publisher_objects_refused", "Objects the publisher refused (never "
+                                       "published as they are), by cause: key, tarball, limit, corrupt, conflict, "
+                                       "ingest", ["repository", "reason"], registry=r)
         self.retried = Counter("cvmfs_publisher_events_retried", "Messages put back for a later attempt",
                                ["queue"], registry=r)
         self.runs = Counter("cvmfs_publisher_runs", "ansible-runner runs", ["playbook", "outcome"], registry=r)
