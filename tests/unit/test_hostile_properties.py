@@ -23,8 +23,8 @@ from cvmfs_publisher_consumer import messages
 
 from tarballs import tarball_bytes
 
-TARBALL_EXAMPLES = 700
-KEY_EXAMPLES = 700
+TARBALL_EXAMPLES = 600
+KEY_EXAMPLES = 500
 COUNTS = {"tarballs tried": 0, "tarballs refused": 0, "keys tried": 0, "keys refused": 0}
 
 # --- generated tarballs -----------------------------------------------------------------------------------------
