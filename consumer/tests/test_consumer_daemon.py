@@ -110,7 +110,8 @@ class FakeRunner:
             self.gate.acquire(timeout=10)
         outcome = self.outcomes.pop(0) if self.outcomes else "successful"
         return RunResult(playbook=playbook_key, outcome=outcome, rc=0 if outcome == "successful" else 2,
-                         duration=0.1, error="" if outcome == "successful" else "Publish: gateway said no")
+                         duration=0.1, error="" if outcome == "successful" else "Publish: gateway said no",
+                         refusals=self.refusals.pop(0) if getattr(self, "refusals", None) else None)
 
 
 def event(key, bucket="alice", name="ObjectCreated:Put"):
@@ -370,3 +371,27 @@ def test_queue_depths_reach_the_metrics_the_status_file_and_the_page(daemon):
     assert "alice.infn.it" in page and "bob.infn.it" in page and "(this daemon)" in page
     daemon.runner.gate.release()
     settle(daemon)
+
+
+def test_refusals_reported_by_the_sync_run_are_logged_counted_and_listed_in_the_status(daemon, caplog):
+    caplog.set_level(logging.INFO)
+    bad = {"key": "cvmfs/evil.tar.gz", "etag": "e1", "category": "tarball",
+           "reason": "member 'c' is a symbolic link to 'b/b/../../x', which resolves outside the tarball's folder"}
+    old = {"key": "cvmfs/old.tar", "etag": "e0", "category": "limit", "reason": "tarball expands more than 200 times"}
+    daemon.runner.refusals = [{"current": [old, bad], "new": [bad], "cleared": ["cvmfs/fixed.tgz"], "count": 2}]
+    daemon.broker.deliver("alice", event("cvmfs/evil.tar.gz"))
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.broker.actions() == [("ack", "alice")]
+    logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "object_refused"]
+    assert logged == [{"event": "object_refused", "repository": "alice.infn.it", "key": "cvmfs/evil.tar.gz",
+                       "reason": bad["reason"], "category": "tarball", "etag": "e1"}]
+    cleared = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "refusal_cleared"]
+    assert [c["key"] for c in cleared] == ["cvmfs/fixed.tgz"]
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("cvmfs_publisher_objects_refused_total",
+                                     {"repository": "alice.infn.it", "reason": "tarball"}) == 1.0
+    assert registry.get_sample_value("cvmfs_publisher_objects_refused_total",
+                                     {"repository": "alice.infn.it", "reason": "limit"}) is None
+    entry = StatusFile.read(daemon.config["state_dir"])["repositories"]["alice.infn.it"]
+    assert entry["refusals"] == [old, bad] and entry["refusals_count"] == 2

@@ -55,7 +55,8 @@ def cmd_status(config, args) -> int:
         entry = known.get(fqrn, {})
         rows.append({"repository": fqrn, "queue_depth": depths.get(fqrn.split(".", 1)[0]),
                      "last_publish": entry.get("last_publish"), "last_error": entry.get("last_error"),
-                     "last_error_at": entry.get("last_error_at")})
+                     "last_error_at": entry.get("last_error_at"), "refusals": entry.get("refusals") or [],
+                     "refusals_count": entry.get("refusals_count", len(entry.get("refusals") or []))})
     if args.json:
         print(json.dumps({"daemon": {k: status.get(k) for k in ("pid", "updated", "connected", "runs_in_progress")},
                           "queues": {q: depths.get(q) for q in queues[:2]}, "repositories": rows}, indent=1))
@@ -70,6 +71,15 @@ def cmd_status(config, args) -> int:
         depth = "?" if row["queue_depth"] is None else row["queue_depth"]
         error = ("%s (%s)" % (row["last_error"], _when(row["last_error_at"]))) if row["last_error"] else "-"
         print("%-40s %8s  %-21s %s" % (row["repository"], depth, _when(row["last_publish"]), error))
+    refused = [row for row in rows if row["refusals_count"]]
+    if refused:
+        print("refused objects (not published until they change; the uploader's report is in the bucket):")
+    for row in refused:
+        print("  %s: %d refused" % (row["repository"], row["refusals_count"]))
+        for item in row["refusals"]:
+            print("    %s: %s" % (item.get("key"), item.get("reason")))
+        if row["refusals_count"] > len(row["refusals"]):
+            print("    ... and %d more" % (row["refusals_count"] - len(row["refusals"])))
     return rc
 
 

@@ -330,6 +330,19 @@ class Daemon:
                     extra=fields(event="object_refused", repository=fqrn, key=key, reason=reason, category=category,
                                  etag=etag))
 
+    def _record_refusals(self, fqrn: str, refusals: Optional[Dict]):
+        """The sync run's refusals (from its result, read off the runner's events): a log line and a count per
+        object refused for the first time, a line per refusal cleared, the current list into the status file."""
+        if not isinstance(refusals, dict):
+            return
+        for item in refusals.get("new") or []:
+            self.refused(fqrn, str(item.get("key", "")), str(item.get("reason", "")),
+                         str(item.get("category") or "other"), str(item.get("etag") or ""))
+        for key in refusals.get("cleared") or []:
+            log.info("refusal cleared: %s", key, extra=fields(event="refusal_cleared", repository=fqrn, key=key))
+        current = refusals.get("current") or []
+        self.status.refusals(fqrn, current, refusals.get("count", len(current)))
+
     @staticmethod
     def _pending(delivery, kind, **what) -> Pending:
         return Pending(ref=delivery, kind=kind, attempts=amqp.attempts_of(delivery.properties),
@@ -411,6 +424,7 @@ class Daemon:
             else:
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
                 self.metrics.last_publish.labels(batch.lane).set(now)
+                self._record_refusals(batch.lane, result.refusals)
                 if batch.mode == FULL and batch.lane in self._dead_lettered:
                     self._clear_dead_letters(batch.lane)
         elif self._cancel_runs and result.outcome == "canceled":

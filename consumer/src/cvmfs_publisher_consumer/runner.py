@@ -42,6 +42,8 @@ class RunResult:
     error: str = ""                  # what failed, for the log and the status file (module messages are secret-free)
     kept: str = ""                   # where the failed run's files were kept, if they were
     stats: Dict = field(default_factory=dict)
+    # The sync module's refusals (cvmfs_sync's ``refusals`` result): {"current": [...], "new": [...], "cleared": [...]}
+    refusals: Optional[Dict] = None
 
     @property
     def ok(self) -> bool:
@@ -61,12 +63,17 @@ def outcome_of(status: str, rc: Optional[int], stats: Optional[Dict]) -> str:
 
 
 class _EventErrors:
-    """Collects the first failed task's message from the run's events."""
+    """Collects the first failed task's message from the run's events, and the sync module's refusals."""
 
     def __init__(self):
         self.error = ""
+        self.refusals = None
 
     def __call__(self, event) -> bool:
+        if event.get("event") == "runner_on_ok":
+            res = (event.get("event_data") or {}).get("res") or {}
+            if isinstance(res, dict) and isinstance(res.get("refusals"), dict):
+                self.refusals = res["refusals"]
         if not self.error and event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data") or {}
             if data.get("ignore_errors"):
@@ -162,6 +169,7 @@ class PlaybookRunner:
         if killed:
             outcome, errors.error = "killed", "ansible-playbook %s" % signal_text(killed)
         run_result = RunResult(playbook=playbook, outcome=outcome, rc=rc, duration=time.monotonic() - started,
+                               refusals=errors.refusals,
                                stats=stats or {})
         if not run_result.ok:
             run_result.error = self._redact(errors.error or "%s ended %s (rc=%s)" % (playbook, outcome, rc))

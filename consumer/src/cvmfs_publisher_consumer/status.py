@@ -42,6 +42,11 @@ class StatusFile:
         entry = self.repository(fqrn)
         entry.update(last_error=error, last_error_at=self._clock())
 
+    def refusals(self, fqrn: str, current, count: int):
+        """The objects the last sync run reported as refused (key, etag, reason, category, since)."""
+        entry = self.repository(fqrn)
+        entry.update(refusals=list(current), refusals_count=count)
+
     def provisioned(self, fqrn: str):
         self.repository(fqrn)["provisioned_at"] = self._clock()
 
