@@ -198,8 +198,9 @@ class Plan:
         self.unchanged = 0
         self.refused = []  # [{"key": ..., "reason": ...}]
 
-    def refuse(self, key, reason):
-        self.refused.append({"key": key, "reason": reason})
+    def refuse(self, key, reason, category="conflict"):
+        """``category``: key (naming rules), conflict (clashing paths), or a tarball's verdict (see _refusals)."""
+        self.refused.append({"key": key, "reason": reason, "category": category})
 
     @property
     def downloads(self):
@@ -245,7 +246,7 @@ def plan(old_state, observations, prefix, tarballs, complete):
         try:
             kind, path = classify(key, prefix, tarballs)
         except Refused as exc:
-            result.refuse(key, str(exc))
+            result.refuse(key, str(exc), "key")
             refused_keys.add(key)
             continue
         if old is not None and old[2] != kind:

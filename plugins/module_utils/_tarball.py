@@ -36,6 +36,10 @@ import tempfile
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
 
+# Kinds of refusal (the daemon's counter label): a refused member, a limit passed, not a readable tar archive.
+MEMBER = "tarball"
+LIMIT = "limit"
+CORRUPT = "corrupt"
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -183,6 +187,12 @@ def _shape_filter(member, dest):
 def judge(path, limits=None, scratch_parent=None):
     """None when the tarball at ``path`` may be published, else the reason (one sentence naming the member or
     the limit and the figure). ``scratch_parent``: where the zero-byte replay goes (default: the system temp)."""
+    verdict = judge_verdict(path, limits, scratch_parent)
+    return verdict[1] if verdict else None
+
+
+def judge_verdict(path, limits=None, scratch_parent=None):
+    """Like judge(), with the kind of refusal: None, or (MEMBER | LIMIT | CORRUPT, reason)."""
     if not hasattr(tarfile, "data_filter"):
         raise Unavailable("checking tarballs needs a Python whose tarfile has extraction filters (PEP 706: 3.8.17, "
                           "3.9.17, 3.10.12, 3.11.4, 3.12 or later); this one is %s" % sys.version.split()[0])
@@ -203,24 +213,24 @@ def _judge(path, stored, limits, scratch):
             for member in archive:
                 members += 1
                 if limits.max_members and members > limits.max_members:
-                    return "tarball has more than %d members (the limit)" % limits.max_members
+                    return LIMIT, "tarball has more than %d members (the limit)" % limits.max_members
                 if member.isreg():
                     expanded += member.size
                     problem = _over_limit(expanded, stored, limits)
                     if problem:
-                        return problem
+                        return LIMIT, problem
                 problem = member_problem(member) or _replaces_directory(member, scratch)
                 if problem:
-                    return problem
+                    return MEMBER, problem
                 try:
                     _replay(archive, member, scratch)
                 except tarfile.FilterError as exc:
-                    return _filter_problem(exc)
+                    return MEMBER, _filter_problem(exc)
                 except (OSError, tarfile.ExtractError) as exc:
-                    return "member %r cannot be extracted over the tarball's earlier members: %s" % (
+                    return MEMBER, "member %r cannot be extracted over the tarball's earlier members: %s" % (
                         member.name, getattr(exc, "strerror", None) or exc)
     except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as exc:
-        return "not a readable tar archive: %s" % (getattr(exc, "strerror", None) or exc)
+        return CORRUPT, "not a readable tar archive: %s" % (getattr(exc, "strerror", None) or exc)
     return None
 
 

@@ -181,7 +181,8 @@ def test_a_new_file_cannot_sit_where_a_published_directory_is():
     old = {"cvmfs/a/b": (MD5, 4, "file")}
     plan = sp.plan(old, [obs("cvmfs/a")], PREFIX, True, complete=False)
     assert ops(plan) == []
-    assert plan.refused == [{"key": "cvmfs/a", "reason": "path 'a' is a directory holding other objects"}]
+    assert plan.refused == [{"key": "cvmfs/a", "reason": "path 'a' is a directory holding other objects",
+                            "category": "conflict"}]
 
 
 def test_a_new_object_cannot_go_under_a_published_file_or_tarball_directory():
