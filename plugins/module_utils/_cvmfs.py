@@ -1,29 +1,26 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
-"""The CVMFS side of a gateway publisher host: ``cvmfs_server`` commands, repository configuration, key files.
+"""The CVMFS side of a gateway publisher host: ``cvmfs_server`` commands and the repository files they leave.
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 
 Every path the real tool uses is taken under ``cvmfs_root`` (empty in production), so the same code drives the
 real ``cvmfs_server`` and the local stand-in. The repository's state is read from its files
 (``repositories.d/<fqrn>/server.conf``, the spool's ``in_transaction.lock``), never guessed from messages:
-the tool's exit codes and files are its contract, its wording is not.
+the tool's exit codes and files are its contract, its wording is not. Key files: ``_cvmfs_keys.py``.
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import grp
-import hashlib
 import os
-import pwd
+import random
 import re
 import shlex
-import stat
 import subprocess
-import tempfile
+import time
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 
@@ -32,8 +29,6 @@ CVMFS_ARGSPEC = dict(
     cvmfs_server_bin=dict(type="str", default="cvmfs_server"),
     cvmfs_root=dict(type="str", default=""),
 )
-# The keys folder option (doc_fragments/cvmfs.py KEYS); an actual path, never prefixed by cvmfs_root.
-KEYS_DIR_ARGSPEC = dict(keys_dir=dict(type="path", no_log=False))
 
 DEFAULT_KEYS_DIR = "/etc/cvmfs/keys"
 DEFAULT_TXN_DIR = "/srv/cvmfs/{fqrn}/data/txn"
@@ -44,14 +39,6 @@ RC_LEASE_PARENT_MISSING = 2
 RC_LEASE_BUSY = 16
 RC_ALREADY_IN_TRANSACTION = 17
 RC_NOT_IN_TRANSACTION = 22
-
-# A gateway publisher needs exactly these three files; the modes are the ones `mkfs -k` gives them.
-KEY_FILES = (
-    # (suffix, Vault field, mode)
-    ("crt", "certificateKey", 0o444),
-    ("pub", "publicKey", 0o444),
-    ("gw", "gatewayKey", 0o400),
-)
 
 STDERR_TAIL_LINES = 20
 
@@ -309,136 +296,49 @@ class CvmfsServer:
         return parse_list_output(self.run("list")[1])
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Key files: <keys_dir>/<fqrn>.{crt,pub,gw}
+# Driving cvmfs_server through a publish: busy retries, a quiet abort, the revision published
+
+# cvmfs_server exit codes worth another attempt: a lease held by another publisher, a transaction just opened.
+RETRYABLE_RCS = (RC_LEASE_BUSY, RC_ALREADY_IN_TRANSACTION)
+_REVISION_IN_OUTPUT = re.compile(r"\brevision (\d+)\b")
 
 
-def key_file_paths(keys_dir, fqrn):
-    return [os.path.join(keys_dir, "%s.%s" % (fqrn, suffix)) for suffix, _field, _mode in KEY_FILES]
-
-
-def missing_key_files(keys_dir, fqrn):
-    return [path for path in key_file_paths(keys_dir, fqrn) if not os.path.isfile(path)]
-
-
-def fingerprint(data):
-    """What a diff may show of key material: its sha256, never the bytes."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _resolve_id(value, lookup, what):
-    """A numeric id for a user or group given by name or number; None when unset."""
-    if value is None or value == "":
-        return None
-    if str(value).isdigit():
-        return int(value)
-    try:
-        return lookup(value)
-    except KeyError:
-        raise CvmfsError("%s %r is not a %s on this host" % (what, value, "user" if what == "owner" else what))
-
-
-def resolve_uid(owner):
-    return _resolve_id(owner, lambda name: pwd.getpwnam(name).pw_uid, "owner")
-
-
-def resolve_gid(group):
-    return _resolve_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
-
-
-def _read_existing(path):
-    """(stat, bytes) of an existing file, None when absent; errors name the file only."""
-    try:
-        info = os.lstat(path)
-        with open(path, "rb") as handle:
-            return info, handle.read()
-    except FileNotFoundError:
-        return None
-    except (IOError, OSError) as exc:
-        raise CvmfsError("cannot read key file %s: %s" % (path, exc.strerror or exc))
-
-
-def plan_key_file(path, data, mode, uid=None, gid=None):
-    """Compare a key file with what it should be: dict(path, mode, changes, before, after) without key bytes."""
-    existing = _read_existing(path)
-    wanted_mode = "%04o" % mode
-    after = dict(exists=True, mode=wanted_mode, sha256=fingerprint(data))
-    if existing is None:
-        return dict(path=path, mode=wanted_mode, changes=["created"], before=dict(exists=False), after=after)
-    info, current = existing
-    current_mode = "%04o" % stat.S_IMODE(info.st_mode)
-    changes = []
-    if not stat.S_ISREG(info.st_mode):
-        raise CvmfsError("key file %s is not a regular file; remove it and run again" % path)
-    if current != data:
-        changes.append("content changed")
-    if current_mode != wanted_mode:
-        changes.append("mode %s -> %s" % (current_mode, wanted_mode))
-    if uid is not None and info.st_uid != uid:
-        changes.append("owner uid %d -> %d" % (info.st_uid, uid))
-    if gid is not None and info.st_gid != gid:
-        changes.append("group gid %d -> %d" % (info.st_gid, gid))
-    before = dict(exists=True, mode=current_mode, sha256=fingerprint(current))
-    return dict(path=path, mode=wanted_mode, changes=changes, before=before, after=after)
-
-
-def write_file_atomically(path, data, mode, uid=None, gid=None):
-    """Replace ``path`` with ``data``: a temporary file in the same folder, mode and owner set before any byte
-    is written (a secret is never readable by others, even briefly), then a rename."""
-    folder = os.path.dirname(path)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
-    try:
-        os.fchmod(fd, mode)
-        if uid is not None or gid is not None:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-        with os.fdopen(fd, "wb") as handle:
-            fd = None
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp_path, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
-
-
-def apply_key_file(plan, data, mode, uid=None, gid=None):
-    """Carry out a plan from plan_key_file: rewrite the content when it differs, else fix mode/owner in place."""
-    try:
-        if "created" in plan["changes"] or "content changed" in plan["changes"]:
-            write_file_atomically(plan["path"], data, mode, uid, gid)
-        elif plan["changes"]:
-            os.chmod(plan["path"], mode)
-            if uid is not None or gid is not None:
-                os.chown(plan["path"], -1 if uid is None else uid, -1 if gid is None else gid)
-    except (IOError, OSError) as exc:
-        raise CvmfsError("cannot write key file %s: %s" % (plan["path"], exc.strerror or exc))
-
-
-def ensure_directory(path, check_mode):
-    """Create the keys folder (0755) when missing; True when it was (or would be) created."""
-    if os.path.isdir(path):
-        return False
-    if os.path.exists(path):
-        raise CvmfsError("keys_dir %s exists and is not a directory" % path)
-    if not check_mode:
+def with_busy_retries(func, retries, sleep=time.sleep, what="open a transaction"):
+    """Call ``func``; on cvmfs_server exit code 16 (lease busy) or 17 (already in a transaction) retry with
+    jittered exponential backoff, then fail with a message that says what was going on."""
+    for attempt in range(retries + 1):
         try:
-            os.makedirs(path, 0o755)
-        except (IOError, OSError) as exc:
-            raise CvmfsError("cannot create keys_dir %s: %s" % (path, exc.strerror or exc))
-    return True
+            return func()
+        except CvmfsCommandError as exc:
+            if exc.rc not in RETRYABLE_RCS:
+                raise
+            if attempt >= retries:
+                why = ("its lease path is busy (another publisher holds an overlapping lease)"
+                       if exc.rc == RC_LEASE_BUSY else "another transaction is open on it")
+                raise CvmfsError("cannot %s: %s; gave up after %d attempts (exit code %d): %s"
+                                 % (what, why, retries + 1, exc.rc, exc.msg), rc=exc.rc)
+            sleep(random.uniform(0.5, 1.0) * min(30.0, 2.0 ** attempt))
 
 
-def remove_file(path, check_mode):
-    """Remove ``path``; True when it existed."""
-    if not os.path.lexists(path):
-        return False
-    if not check_mode:
-        try:
-            os.unlink(path)
-        except (IOError, OSError) as exc:
-            raise CvmfsError("cannot remove %s: %s" % (path, exc.strerror or exc))
-    return True
+def published_revision(server, fqrn, output):
+    """The revision just published: the client-visible ``user.revision`` attribute of /cvmfs/<fqrn> when the
+    mount provides it, else the number the tool printed; None when neither says."""
+    try:
+        return int(os.getxattr(server.union_dir(fqrn), "user.revision"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    match = _REVISION_IN_OUTPUT.search(output or "")
+    return int(match.group(1)) if match else None
+
+
+def abort_quietly(server, fqrn):
+    """``abort -f``; returns None, or the text of its failure for the error message (22 = nothing to abort)."""
+    try:
+        server.abort(fqrn)
+    except CvmfsCommandError as exc:
+        if exc.rc != RC_NOT_IN_TRANSACTION:
+            return exc.msg
+    return None

@@ -150,6 +150,7 @@ import pwd
 import os
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_keys as keys
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherModule,
 )
@@ -178,7 +179,7 @@ def ensure_present(module, server, fqrn):
     result = dict(changed=True, command=cvmfs.display_command([server.binary] + argv))
     if module.check_mode:
         return dict(result, repository=predicted), before, predicted
-    missing = cvmfs.missing_key_files(keys_dir, fqrn)
+    missing = keys.missing_key_files(keys_dir, fqrn)
     if missing:
         raise cvmfs.CvmfsError("cannot create %s: key file%s %s missing (install the keys first, e.g. with "
                                "infn_cloud.cvmfs_publisher.vault_repository_keys)"
@@ -216,7 +217,7 @@ def main():
             owner=dict(type="str"),
             keep_keys=dict(type="bool", default=False, no_log=False),
         ),
-        option_sets=(cvmfs.CVMFS_ARGSPEC, cvmfs.KEYS_DIR_ARGSPEC),
+        option_sets=(cvmfs.CVMFS_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         required_if=[["state", "present", ["stratum0_url", "gateway_url"]]],
     )
 

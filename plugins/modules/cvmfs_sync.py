@@ -225,7 +225,7 @@ durations:
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw as rgw
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client as rgw
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync as sync
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
 
@@ -246,7 +246,7 @@ def main():
     )
 
     def run(module):
-        result = sync.sync(module.params, check_mode=module.check_mode, server=cvmfs.CvmfsServer.for_module(module))
+        result = sync.run(module.params, check_mode=module.check_mode, server=cvmfs.CvmfsServer.for_module(module))
         result["diff"] = diff_of(result)
         return result
 

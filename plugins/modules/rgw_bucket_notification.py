@@ -158,10 +158,12 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming
     DEFAULT_NOTIFICATION_ID,
     DEFAULT_PREFIX,
 )
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import (
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     RGW_ARGUMENT_SPEC,
     RGW_MUTUALLY_EXCLUSIVE,
-    connect,
+    Connection,
+)
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.notification import (
     ensure_bucket_notification,
 )
 
@@ -179,7 +181,7 @@ ARGUMENT_SPEC = dict(
 def run(module):
     if module.params["state"] == "present" and not module.params["events"]:
         raise PublisherError("events must list at least one S3 event type (for example s3:ObjectCreated:*)")
-    return ensure_bucket_notification(connect(module.params, "s3"), module.params, module.check_mode)
+    return ensure_bucket_notification(Connection(module.params), module.params, module.check_mode)
 
 
 def main():

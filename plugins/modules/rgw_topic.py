@@ -171,10 +171,12 @@ notifications_need_refresh:
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import (
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     RGW_ARGUMENT_SPEC,
     RGW_MUTUALLY_EXCLUSIVE,
-    connect,
+    Connection,
+)
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.topic import (
     ensure_topic,
     url_password,
 )
@@ -192,7 +194,7 @@ ARGUMENT_SPEC = dict(
 
 
 def run(module):
-    return ensure_topic(connect(module.params, "sns"), module.params, module.check_mode)
+    return ensure_topic(Connection(module.params), module.params, module.check_mode)
 
 
 def main():

@@ -159,6 +159,7 @@ import os
 
 from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_keys as keys
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _vault as vault
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherModule,
@@ -171,23 +172,23 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming
 
 def install_keys(module, fqrn, keys_dir):
     params = module.params
-    uid = cvmfs.resolve_uid(params["owner"])
-    gid = cvmfs.resolve_gid(params["file_group"])
+    uid = keys.resolve_uid(params["owner"])
+    gid = keys.resolve_gid(params["file_group"])
     path = vault_keys_path(fqrn, params["subject"], params["group"])
     mount = params["kv_mount"]
     client = vault.VaultClient.login(params)
     try:
-        fields = [field for _s, field, _m in cvmfs.KEY_FILES]
+        fields = [field for _s, field, _m in keys.KEY_FILES]
         material = vault.repository_key_material(client, mount, path, fqrn, fields)
     finally:
         client.logout()
-    created_dir = cvmfs.ensure_directory(keys_dir, module.check_mode)
+    created_dir = keys.ensure_directory(keys_dir, module.check_mode)
     plans = []
-    for (_suffix, field, mode), file_path in zip(cvmfs.KEY_FILES, cvmfs.key_file_paths(keys_dir, fqrn)):
+    for (_suffix, field, mode), file_path in zip(keys.KEY_FILES, keys.key_file_paths(keys_dir, fqrn)):
         data = material[field].encode("utf-8")
-        plan = cvmfs.plan_key_file(file_path, data, mode, uid, gid)
+        plan = keys.plan_key_file(file_path, data, mode, uid, gid)
         if plan["changes"] and not module.check_mode:
-            cvmfs.apply_key_file(plan, data, mode, uid, gid)
+            keys.apply_key_file(plan, data, mode, uid, gid)
         plans.append(plan)
     result = report(plans)
     result["path"] = "%s/%s" % (mount, path)
@@ -197,12 +198,12 @@ def install_keys(module, fqrn, keys_dir):
 
 def remove_keys(module, fqrn, keys_dir):
     plans = []
-    for file_path in cvmfs.key_file_paths(keys_dir, fqrn):
+    for file_path in keys.key_file_paths(keys_dir, fqrn):
         existing = os.path.lexists(file_path)
         before = dict(exists=existing)
         if existing:
             before["mode"] = "%04o" % (os.lstat(file_path).st_mode & 0o7777)
-        cvmfs.remove_file(file_path, module.check_mode)
+        keys.remove_file(file_path, module.check_mode)
         plans.append(dict(path=file_path, mode=None, changes=["removed"] if existing else [],
                           before=before, after=dict(exists=False)))
     return report(plans)
@@ -226,7 +227,7 @@ def main():
             file_group=dict(type="str"),
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
-        option_sets=(vault.VAULT_ARGSPEC, cvmfs.KEYS_DIR_ARGSPEC),
+        option_sets=(vault.VAULT_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         mutually_exclusive=vault.VAULT_MUTUALLY_EXCLUSIVE + [["subject", "group"]],
         required_if=[["state", "present", ["subject", "group"], True]],
     )

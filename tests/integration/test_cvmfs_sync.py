@@ -16,7 +16,8 @@ from helpers import run_module, run_playbook
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "devstack"))
 import standin  # noqa: E402  (the stand-in's read API: published revisions)
 
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync  # noqa: E402
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs, _sync, _sync_staging  # noqa: E402,E501
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects  # noqa: E402,E501
 
 MODULE = "infn_cloud.cvmfs_publisher.cvmfs_sync"
 
@@ -90,13 +91,13 @@ class Repo:
         """One sync: through ansible-playbook (the operator's view: check mode, diff, failures) or, where only
         the engine's behaviour matters, by calling it directly (ansible's start-up costs seconds)."""
         if not (ansible or diff):
-            return _sync.sync(self.params(**extra), check_mode=check)
+            return _sync.run(self.params(**extra), check_mode=check)
         rc, result = run_module(MODULE, self.args(**extra), check=check, diff=diff)
         assert rc == 0 and not result.get("failed"), json.dumps(result, indent=1)[-4000:]
         return result
 
     def params(self, **extra):
-        """Module parameters for direct calls to _sync.sync (fault injection)."""
+        """Module parameters for direct calls to _sync.run (fault injection)."""
         params = {name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()}
         params.update(repository=self.fqrn, endpoint_url=self.stack["RGW_ENDPOINT"], region="default",
                       access_key_file=self.stack["RGW_ACCESS_KEY_FILE"],
@@ -240,15 +241,17 @@ def test_conflicting_paths_are_refused_not_fatal(repo):
 
 def test_object_deleted_between_listing_and_download(repo, monkeypatch):
     repo.put_many({"cvmfs/keep": b"keep", "cvmfs/vanishing": b"soon gone"})
-    real_get = _sync._get
 
-    def deleted_first(s3, bucket, key):
-        if key == "cvmfs/vanishing":
-            repo.delete(key)
-        return real_get(s3, bucket, key)
+    class DeletedFirst(BucketObjects):
+        def download(self, change, folder):
+            if change.key == "cvmfs/vanishing":
+                repo.delete(change.key)
+            return super().download(change, folder)
 
-    monkeypatch.setattr(_sync, "_get", deleted_first)
-    result = _sync.sync(repo.params())
+    params = repo.params()
+    settings = _sync.SyncSettings.from_params(params)
+    objects = DeletedFirst.from_params(params, settings.bucket, settings.concurrency)
+    result = _sync.sync(settings, _cvmfs.CvmfsServer.from_params(params), objects).as_dict()
     assert result["changed"] and result["objects_downloaded"] == 1 and result["added"] == 1
     assert repo.files() == {"keep": sha(b"keep")}
     assert not repo.sync()["changed"], "the state does not remember the vanished object"
@@ -289,16 +292,16 @@ def test_failed_publish_aborts_and_keeps_the_previous_revision(repo, tmp_path):
 
 def test_failure_while_applying_names_the_object(repo, monkeypatch):
     repo.put_many({"cvmfs/one": b"1", "cvmfs/two": b"2"})
-    real_place = _sync._place
+    real_place = _sync_staging._place
 
     def place(staged, target):
         if target.endswith("/two"):
             raise OSError(28, "No space left on device")
         return real_place(staged, target)
 
-    monkeypatch.setattr(_sync, "_place", place)
+    monkeypatch.setattr(_sync_staging, "_place", place)
     with pytest.raises(_sync.SyncError) as failure:
-        _sync.sync(repo.params())
+        _sync.run(repo.params())
     assert "applying cvmfs/two (/two): No space left on device" in failure.value.msg
     assert failure.value.details["key"] == "cvmfs/two"
     assert not repo.in_transaction() and repo.tree() == {} and repo.revision() == 0

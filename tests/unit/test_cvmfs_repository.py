@@ -302,3 +302,40 @@ def test_invalid_names_are_refused_before_any_command(repo_module, root, fqrn, r
 def test_present_requires_urls(repo_module):
     result = repo_module(stratum0_url=None)
     assert result["failed"] and "stratum0_url" in result["msg"]
+
+
+# --- cvmfs_server retry policy (_cvmfs.with_busy_retries: no service needed) -------------------------------
+
+def busy(rc):
+    return cvmfs.CvmfsCommandError(["cvmfs_server", "transaction", "alice.infn.it"], rc, "", "lease busy")
+
+
+@pytest.mark.parametrize("rc", [16, 17])
+def test_busy_exit_codes_are_retried_with_growing_pauses_then_fail_clearly(rc):
+    pauses, calls = [], []
+
+    def always_busy():
+        calls.append(1)
+        raise busy(rc)
+
+    with pytest.raises(cvmfs.CvmfsError) as failure:
+        cvmfs.with_busy_retries(always_busy, retries=3, sleep=pauses.append)
+    assert len(calls) == 4 and len(pauses) == 3
+    assert pauses[0] < 1.01 and pauses[2] >= 2.0, "exponential backoff with jitter"
+    assert "gave up after 4 attempts (exit code %d)" % rc in failure.value.msg
+    assert ("lease path is busy" if rc == 16 else "another transaction is open") in failure.value.msg
+
+
+def test_busy_then_free_succeeds_and_other_failures_are_not_retried():
+    answers = [busy(16), busy(17), "opened"]
+
+    def flaky():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert cvmfs.with_busy_retries(flaky, retries=5, sleep=lambda s: None) == "opened"
+    with pytest.raises(Exception) as failure:
+        cvmfs.with_busy_retries(lambda: (_ for _ in ()).throw(busy(1)), retries=5, sleep=lambda s: None)
+    assert failure.value.rc == 1

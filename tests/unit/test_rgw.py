@@ -1,5 +1,6 @@
-"""module_utils/_rgw.py and the rgw_* modules without RGW: pure logic directly, RGW calls through botocore's
-Stubber with answers copied from the real RGW 16.2 of the local stack, and the modules' argument handling."""
+"""module_utils/_rgw/ (client, topic, notification) and the rgw_* modules without RGW: pure logic directly, RGW
+calls through botocore's Stubber with answers copied from the real RGW 16.2 of the local stack, and the modules'
+argument handling."""
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from ansible.module_utils.testing import patch_module_args
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from botocore.stub import Stubber
 
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _rgw as rgw
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client, notification, topic
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_bucket_notification, rgw_topic
 
@@ -68,21 +69,21 @@ def client_error(code, status, operation="CreateTopic", top_level=False, message
     ("", ""),
 ])
 def test_mask_url_userinfo_hides_only_the_password(url, shown):
-    assert rgw.mask_url_userinfo(url) == shown
+    assert topic.mask_url_userinfo(url) == shown
 
 
 def test_url_password_and_credentials():
-    assert rgw.url_password("amqps://rgw:s3cr3t@mq:5671") == "s3cr3t"
-    assert rgw.url_password("amqp://mq:5672") is None
-    assert rgw.url_password(None) is None
-    assert rgw.url_has_credentials("amqp://u:p@mq")
-    assert not rgw.url_has_credentials("amqp://mq:5672")
+    assert topic.url_password("amqps://rgw:s3cr3t@mq:5671") == "s3cr3t"
+    assert topic.url_password("amqp://mq:5672") is None
+    assert topic.url_password(None) is None
+    assert topic.url_has_credentials("amqp://u:p@mq")
+    assert not topic.url_has_credentials("amqp://mq:5672")
 
 
 # -- topics: parsing RGW's answer and comparing -----------------------------------------------------------------
 
 def test_parse_endpoint_args_keeps_flattened_attributes_only():
-    args = rgw.parse_endpoint_args(REAL_ENDPOINT_ARGS)
+    args = topic.parse_endpoint_args(REAL_ENDPOINT_ARGS)
     assert args["amqp-exchange"] == "notification"
     assert args["verify-ssl"] == "false"
     assert args["push-endpoint"] == "amqp://127.0.0.1:22010"
@@ -90,7 +91,7 @@ def test_parse_endpoint_args_keeps_flattened_attributes_only():
 
 
 def test_topic_from_real_rgw_attributes():
-    assert rgw.topic_from_attributes(REAL_ATTRIBUTES) == REAL_TOPIC
+    assert topic.topic_from_attributes(REAL_ATTRIBUTES) == REAL_TOPIC
 
 
 def test_topic_from_attributes_applies_rgw_defaults():
@@ -98,33 +99,33 @@ def test_topic_from_attributes_applies_rgw_defaults():
                                           "EndpointArgs": "Version=2010-03-31&amqp-exchange=notification&"
                                                           "push-endpoint=amqp://mq:5672",
                                           "Persistent": "false"}), "OpaqueData": ""}
-    topic = rgw.topic_from_attributes(attributes)
-    assert topic == dict(push_endpoint="amqp://mq:5672", amqp_exchange="notification", amqp_ack_level="broker",
-                         verify_ssl=True, persistent=False, opaque_data="")
+    canonical = topic.topic_from_attributes(attributes)
+    assert canonical == dict(push_endpoint="amqp://mq:5672", amqp_exchange="notification", amqp_ack_level="broker",
+                             verify_ssl=True, persistent=False, opaque_data="")
 
 
 def test_desired_topic_round_trips_through_create_attributes():
-    desired = rgw.desired_topic(topic_params())
+    desired = topic.desired_topic(topic_params())
     assert desired == REAL_TOPIC
-    attributes = rgw.topic_create_attributes(desired)
+    attributes = topic.topic_create_attributes(desired)
     assert attributes == {"push-endpoint": "amqp://127.0.0.1:22010", "amqp-exchange": "notification",
                           "amqp-ack-level": "broker", "verify-ssl": "false", "persistent": "true",
                           "OpaqueData": "a=b&c"}
-    assert "OpaqueData" not in rgw.topic_create_attributes(dict(desired, opaque_data=""))
+    assert "OpaqueData" not in topic.topic_create_attributes(dict(desired, opaque_data=""))
 
 
 def test_topic_differences_names_each_field():
-    assert rgw.topic_differences(REAL_TOPIC, REAL_TOPIC) == []
+    assert topic.topic_differences(REAL_TOPIC, REAL_TOPIC) == []
     changed = dict(REAL_TOPIC, persistent=False, amqp_ack_level="none")
-    assert rgw.topic_differences(REAL_TOPIC, changed) == ["amqp_ack_level", "persistent"]
+    assert topic.topic_differences(REAL_TOPIC, changed) == ["amqp_ack_level", "persistent"]
 
 
 def test_masked_topic_hides_password_and_keeps_the_rest():
-    topic = dict(REAL_TOPIC, push_endpoint="amqps://u:pw@mq:5671")
-    shown = rgw.masked_topic(topic)
+    canonical = dict(REAL_TOPIC, push_endpoint="amqps://u:pw@mq:5671")
+    shown = topic.masked_topic(canonical)
     assert shown["push_endpoint"] == "amqps://u:********@mq:5671"
-    assert topic["push_endpoint"] == "amqps://u:pw@mq:5671"  # the input is not modified
-    assert rgw.masked_topic(None) is None
+    assert canonical["push_endpoint"] == "amqps://u:pw@mq:5671"  # the input is not modified
+    assert topic.masked_topic(None) is None
 
 
 # -- bucket notifications: normalising and merging ----------------------------------------------------------------
@@ -144,37 +145,38 @@ def test_normalise_notification_sorts_events_and_reads_rule_names_in_any_case():
     aws_style = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*", "s3:ObjectCreated:*"],
                      Filter={"Key": {"FilterRules": [{"Name": "Prefix", "Value": "cvmfs/"},
                                                      {"Name": "Suffix", "Value": ".tar"}]}})
-    assert rgw.normalise_notification(aws_style) == dict(
+    assert notification.normalise_notification(aws_style) == dict(
         id="cvmfs-publisher", topic_arn=ARN, events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], prefix="cvmfs/",
         suffix=".tar")
-    assert rgw.normalise_notification(RGW_CONFIG) == rgw.desired_notification(notification_params())
+    assert notification.normalise_notification(RGW_CONFIG) == notification.desired_notification(notification_params())
 
 
 def test_notification_config_round_trips():
-    desired = rgw.desired_notification(notification_params(suffix=".tar"))
-    assert rgw.normalise_notification(rgw.notification_config(desired)) == desired
-    assert "Filter" not in rgw.notification_config(rgw.desired_notification(notification_params(prefix="")))
+    desired = notification.desired_notification(notification_params(suffix=".tar"))
+    assert notification.normalise_notification(notification.notification_config(desired)) == desired
+    no_filter = notification.desired_notification(notification_params(prefix=""))
+    assert "Filter" not in notification.notification_config(no_filter)
 
 
 def test_merge_notification_keeps_other_ids():
     other = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3:ObjectCreated:Put"]}
     new = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*"])
-    assert rgw.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", new) == [other, new]
-    assert rgw.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", None) == [other]
-    assert rgw.merge_notification([other], "cvmfs-publisher", new) == [other, new]
+    assert notification.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", new) == [other, new]
+    assert notification.merge_notification([other, RGW_CONFIG], "cvmfs-publisher", None) == [other]
+    assert notification.merge_notification([other], "cvmfs-publisher", new) == [other, new]
 
 
 def test_clean_topic_configuration_drops_empty_filter_sections():
     config = dict(RGW_CONFIG, Filter={"Key": {"FilterRules": []}, "Metadata": {"FilterRules": []}})
-    assert "Filter" not in rgw.clean_topic_configuration(config)
-    assert rgw.clean_topic_configuration(RGW_CONFIG) == RGW_CONFIG
+    assert "Filter" not in notification.clean_topic_configuration(config)
+    assert notification.clean_topic_configuration(RGW_CONFIG) == RGW_CONFIG
 
 
 # -- errors, retries ----------------------------------------------------------------------------------------------
 
 def test_describe_connection_error_says_unreachable():
     exc = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/")
-    assert rgw.describe_client_error(exc, "list topics", "http://127.0.0.1:1").startswith(
+    assert client.describe_client_error(exc, "list topics", "http://127.0.0.1:1").startswith(
         "RGW unreachable at http://127.0.0.1:1 while trying to list topics")
 
 
@@ -182,22 +184,22 @@ def test_describe_connection_error_says_unreachable():
                                              ("SignatureDoesNotMatch", True)])
 def test_describe_wrong_keys(code, top_level):
     exc = client_error(code, 403, top_level=top_level)
-    assert rgw.describe_client_error(exc, "list topics").startswith("access denied: check access/secret key")
+    assert client.describe_client_error(exc, "list topics").startswith("access denied: check access/secret key")
 
 
 def test_describe_rgw_sns_error_uses_the_top_level_code():
     exc = client_error("InvalidInput", 400, top_level=True)
-    assert rgw.error_code(exc) == "InvalidInput"
-    assert rgw.describe_client_error(exc, "create topic alice") == (
+    assert client.error_code(exc) == "InvalidInput"
+    assert client.describe_client_error(exc, "create topic alice") == (
         "RGW failed to create topic alice: InvalidInput (HTTP 400)")
 
 
 def test_describe_access_denied_and_missing_credentials():
     exc = client_error("AccessDenied", 403, message="Access Denied")
-    assert rgw.describe_client_error(exc, "read bucket x") == (
+    assert client.describe_client_error(exc, "read bucket x") == (
         "access denied while trying to read bucket x: the RGW user lacks permission (AccessDenied: Access Denied "
         "(HTTP 403))")
-    assert "set access_key/access_key_file" in rgw.describe_client_error(NoCredentialsError(), "list topics")
+    assert "set access_key/access_key_file" in client.describe_client_error(NoCredentialsError(), "list topics")
 
 
 @pytest.mark.parametrize("exc, retry", [
@@ -211,13 +213,13 @@ def test_describe_access_denied_and_missing_credentials():
     (ValueError("bug"), False),
 ])
 def test_is_retryable(exc, retry):
-    assert rgw.is_retryable(exc) is retry
+    assert client.is_retryable(exc) is retry
 
 
 def test_jittered_backoff_retries_transient_errors_then_gives_up():
     sleeps, calls = [], []
 
-    @rgw.jittered_backoff(retries=3, delay=1, max_delay=2, sleep=sleeps.append)
+    @client.jittered_backoff(retries=3, delay=1, max_delay=2, sleep=sleeps.append)
     def flaky():
         calls.append(1)
         raise client_error("ServiceUnavailable", 503)
@@ -237,9 +239,9 @@ def test_jittered_backoff_extra_codes_and_success():
             raise outcome
         return outcome
 
-    wrapped = rgw.jittered_backoff(retries=2, sleep=lambda _: None, catch_extra_error_codes=["NoSuchBucket"])(step)
+    wrapped = client.jittered_backoff(retries=2, sleep=lambda _: None, catch_extra_error_codes=["NoSuchBucket"])(step)
     assert wrapped() == "done"
-    not_retried = rgw.jittered_backoff(retries=2, sleep=lambda _: None)(
+    not_retried = client.jittered_backoff(retries=2, sleep=lambda _: None)(
         lambda: (_ for _ in ()).throw(client_error("NoSuchBucket", 404)))
     with pytest.raises(ClientError):
         not_retried()
@@ -250,32 +252,35 @@ def test_jittered_backoff_extra_codes_and_success():
 def test_connect_builds_a_client_with_the_collection_settings(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("from-file\n")
-    client = rgw.connect(params(secret_key=None, secret_key_file=str(secret), ca_bundle="/etc/ca.pem"), "s3",
-                         max_pool_connections=32, max_attempts=7)
-    config = client.meta.config
-    assert client.meta.endpoint_url == ENDPOINT
-    assert client.meta.region_name == "default"
+    connection = client.Connection(params(secret_key=None, secret_key_file=str(secret), ca_bundle="/etc/ca.pem"),
+                                   max_pool_connections=32, max_attempts=7)
+    s3 = connection.client("s3")
+    assert connection.client("s3") is s3, "one client per service and connection"
+    config = s3.meta.config
+    assert s3.meta.endpoint_url == ENDPOINT
+    assert s3.meta.region_name == "default"
     assert config.retries == {"mode": "standard", "total_max_attempts": 8}  # botocore: 7 retries + the first try
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert config.max_pool_connections == 32
-    assert client._request_signer._credentials.secret_key == "from-file"
-    assert client._endpoint.http_session._verify == "/etc/ca.pem"
+    assert connection.session.get_credentials().secret_key == "from-file"
+    assert s3._endpoint.http_session._verify == "/etc/ca.pem"
 
 
 def test_connect_reports_an_unreadable_secret_file(tmp_path):
     with pytest.raises(PublisherError, match="cannot read RGW secret key from .*/missing"):
-        rgw.connect(params(secret_key=None, secret_key_file=str(tmp_path / "missing")), "sns")
+        client.connect(params(secret_key=None, secret_key_file=str(tmp_path / "missing")), "sns")
 
 
 # -- topic operations with a stubbed RGW ----------------------------------------------------------------------
 
 def stubbed_client(service):
-    """A client of the module_utils' own making whose answers come from the test (client.stub)."""
-    client = rgw.connect(params(), service)
-    with Stubber(client) as stub:
-        client.stub = stub
-        yield client
+    """A connection of the module_utils' own making whose ``service`` client answers what the test says
+    (connection.stub)."""
+    connection = client.Connection(params())
+    with Stubber(connection.client(service)) as stub:
+        connection.stub = stub
+        yield connection
         stub.assert_no_pending_responses()
 
 
@@ -296,7 +301,7 @@ def expect_lookup(sns, attributes):
 
 def test_ensure_topic_unchanged(sns):
     expect_lookup(sns, REAL_ATTRIBUTES)
-    result = rgw.ensure_topic(sns, topic_params(), check_mode=False)
+    result = topic.ensure_topic(sns, topic_params(), check_mode=False)
     assert result["changed"] is False and result["arn"] == ARN
     assert result["notifications_need_refresh"] is False
 
@@ -304,7 +309,7 @@ def test_ensure_topic_unchanged(sns):
 def test_ensure_topic_update_says_notifications_need_refresh(sns):
     expect_lookup(sns, REAL_ATTRIBUTES)
     sns.stub.add_response("create_topic", {"TopicArn": ARN})
-    result = rgw.ensure_topic(sns, topic_params(persistent=False), check_mode=False)
+    result = topic.ensure_topic(sns, topic_params(persistent=False), check_mode=False)
     assert result["changed"] and result["notifications_need_refresh"]
     assert result["changed_attributes"] == ["persistent"]
     assert result["diff"]["before"]["persistent"] is True and result["diff"]["after"]["persistent"] is False
@@ -312,14 +317,14 @@ def test_ensure_topic_update_says_notifications_need_refresh(sns):
 
 def test_ensure_topic_check_mode_predicts_the_arn_and_writes_nothing(sns):
     expect_lookup(sns, None)  # only a stale internal entry left by an earlier DeleteTopic
-    result = rgw.ensure_topic(sns, topic_params(), check_mode=True)
+    result = topic.ensure_topic(sns, topic_params(), check_mode=True)
     assert result["changed"] and result["arn"] == ARN and result["diff"]["before"] is None
 
 
 def test_ensure_topic_absent(sns):
     expect_lookup(sns, REAL_ATTRIBUTES)
     sns.stub.add_response("delete_topic", {}, {"TopicArn": ARN})
-    result = rgw.ensure_topic(sns, topic_params(state="absent"), check_mode=False)
+    result = topic.ensure_topic(sns, topic_params(state="absent"), check_mode=False)
     assert result["changed"] and result["diff"]["after"] is None
 
 
@@ -327,7 +332,7 @@ def test_credentials_over_http_get_a_message_that_says_so(sns):
     expect_lookup(sns, None)
     sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
     with pytest.raises(PublisherError) as caught:
-        rgw.ensure_topic(sns, topic_params(push_endpoint="amqp://rgw:s3cr3t@mq:5672"), check_mode=False)
+        topic.ensure_topic(sns, topic_params(push_endpoint="amqp://rgw:s3cr3t@mq:5672"), check_mode=False)
     assert caught.value.msg.startswith(
         "RGW refused the topic: credentials in push_endpoint must be sent over HTTPS to RGW (endpoint_url is "
         "http://127.0.0.1:18000)")
@@ -337,7 +342,7 @@ def test_credentials_over_http_get_a_message_that_says_so(sns):
 def test_topic_read_refused_over_http_mentions_stored_secrets(sns):
     sns.stub.add_client_error("list_topics", service_error_code="AccessDenied", http_status_code=403)
     with pytest.raises(PublisherError) as caught:
-        rgw.ensure_topic(sns, topic_params(), check_mode=False)
+        topic.ensure_topic(sns, topic_params(), check_mode=False)
     assert caught.value.msg.startswith("access denied while trying to list topics")
     assert caught.value.msg.endswith("RGW also refuses topic reads over http when a topic stores push_endpoint "
                                      "credentials (use an https endpoint_url)")
@@ -347,7 +352,7 @@ def test_other_400_is_not_blamed_on_credentials(sns):
     expect_lookup(sns, None)
     sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
     with pytest.raises(PublisherError, match="^RGW failed to create topic alice: InvalidInput"):
-        rgw.ensure_topic(sns, topic_params(), check_mode=False)
+        topic.ensure_topic(sns, topic_params(), check_mode=False)
 
 
 # -- bucket notification operations with a stubbed RGW ----------------------------------------------------------
@@ -362,7 +367,7 @@ def s3():
 
 def test_notification_unchanged_when_only_event_order_differs(s3):
     s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [AUDIT, RGW_CONFIG]})
-    result = rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+    result = notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
     assert result["changed"] is False and result["other_ids"] == ["audit"]
 
 
@@ -371,14 +376,14 @@ def test_notification_added_next_to_other_ids(s3):
     expected = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"])
     s3.stub.add_response("put_bucket_notification_configuration", {}, {
         "Bucket": "alice", "NotificationConfiguration": {"TopicConfigurations": [AUDIT, expected]}})
-    result = rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+    result = notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
     assert result["changed"] and result["diff"]["before"] is None
     assert result["notification"]["events"] == ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
 
 
 def test_notification_check_mode_writes_nothing(s3):
     s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [RGW_CONFIG]})
-    result = rgw.ensure_bucket_notification(s3, notification_params(prefix="other/"), check_mode=True)
+    result = notification.ensure_bucket_notification(s3, notification_params(prefix="other/"), check_mode=True)
     assert result["changed"]
     assert result["diff"]["before"]["prefix"] == "cvmfs/" and result["diff"]["after"]["prefix"] == "other/"
 
@@ -387,13 +392,13 @@ def test_missing_bucket_is_named(s3):
     s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
                              http_status_code=404)
     with pytest.raises(PublisherError, match="^bucket 'alice' does not exist at http://127.0.0.1:18000"):
-        rgw.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+        notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
 
 
 def test_absent_on_a_missing_bucket_is_no_change(s3):
     s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
                              http_status_code=404)
-    result = rgw.ensure_bucket_notification(s3, notification_params(state="absent"), check_mode=False)
+    result = notification.ensure_bucket_notification(s3, notification_params(state="absent"), check_mode=False)
     assert result["changed"] is False and result["bucket_exists"] is False
 
 
@@ -422,7 +427,7 @@ def test_topic_result_never_shows_the_push_endpoint_password(capsys, monkeypatch
         # As if a bug echoed the raw option: the module's no_log_values must still hide the password.
         return dict(changed=True, echoed=module_params["push_endpoint"], diff=dict(before=None, after=None))
 
-    monkeypatch.setattr(rgw_topic, "connect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rgw_topic, "Connection", lambda *args, **kwargs: None)
     monkeypatch.setattr(rgw_topic, "ensure_topic", fake_ensure)
     result = run_main(rgw_topic, dict(endpoint_url=ENDPOINT, name="alice", secret_key="topsecretkey",
                                       push_endpoint="amqps://rgw:Pa55w0rd-x@mq:5671"), capsys)
@@ -456,7 +461,7 @@ def test_documentation_parses_and_matches_the_argument_spec(module_name):
         fragment_module = importlib.import_module("ansible_collections.infn_cloud.cvmfs_publisher.plugins."
                                                   "doc_fragments." + fragment.rsplit(".", 1)[1])
         documented |= set(yaml.safe_load(fragment_module.ModuleDocFragment.DOCUMENTATION)["options"])
-    option_set = rgw.RGW_ARGUMENT_SPEC if module_name.startswith("rgw") else amqp_queue_spec()
+    option_set = client.RGW_ARGUMENT_SPEC if module_name.startswith("rgw") else amqp_queue_spec()
     assert documented == set(module.ARGUMENT_SPEC) | set(option_set)
 
 

@@ -1,0 +1,308 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""The RGW client: options, connection (static keys or AssumeRole), error classification, retries, and the one
+helper that sends a signed request boto3 has no operation for.
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import functools
+import random
+import time
+import traceback
+
+try:
+    import boto3
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.httpsession import URLLib3Session
+    from botocore.utils import get_environ_proxies
+    HAS_BOTO3 = True
+    BOTO3_IMPORT_ERROR = None
+except ImportError:
+    HAS_BOTO3 = False
+    BOTO3_IMPORT_ERROR = traceback.format_exc()
+
+    class BotoCoreError(Exception):  # stand-ins keep callers' except clauses valid; require_boto3 reports it
+        pass
+
+    class ClientError(Exception):
+        pass
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
+    PublisherError,
+    secret_option,
+)
+
+# Options (documented once in plugins/doc_fragments/rgw.py)
+RGW_ARGUMENT_SPEC = dict(
+    endpoint_url=dict(type="str", required=True, aliases=["rgw_endpoint"]),
+    access_key=dict(type="str", no_log=False),
+    access_key_file=dict(type="path"),
+    secret_key=dict(type="str", no_log=True),
+    secret_key_file=dict(type="path", no_log=False),
+    session_token=dict(type="str", no_log=True),
+    region=dict(type="str", default="default"),
+    ca_bundle=dict(type="path"),
+    validate_certs=dict(type="bool", default=True),
+    assume_role_arn=dict(type="str"),
+    role_session_name=dict(type="str", default="cvmfs-publisher"),
+)
+RGW_MUTUALLY_EXCLUSIVE = [["access_key", "access_key_file"], ["secret_key", "secret_key_file"]]
+
+DEFAULT_MAX_POOL_CONNECTIONS = 10
+DEFAULT_MAX_ATTEMPTS = 5
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error codes worth another attempt: throttling and transient server errors (amazon.aws AWSRetry.found list).
+RETRYABLE_ERROR_CODES = frozenset([
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException", "SlowDown",
+    "RequestTimeout", "RequestTimeoutException", "ServiceUnavailable", "Unavailable", "InternalError",
+    "InternalFailure", "ServerError",
+])
+ACCESS_KEY_ERROR_CODES = frozenset(["InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId"])
+
+
+def _error_fields(exc):
+    """(code, message) of a ClientError. RGW's SNS API answers ``<Error><Code>`` without AWS's ``ErrorResponse``
+    wrapper, which botocore then reports as code "Unknown" with the real code at the top of ``response``."""
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error") or {}
+    code = error.get("Code") or ""
+    message = error.get("Message") or ""
+    if not code or code == "Unknown":
+        code = response.get("Code") or ("" if code == "Unknown" else code)
+        message = message if message != "Unknown" else ""
+        message = message or response.get("Message") or ""
+    return code, message
+
+
+def error_code(exc):
+    return _error_fields(exc)[0]
+
+
+def error_status(exc):
+    response = getattr(exc, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def is_connection_error(exc):
+    """botocore's connection failures (refused, DNS, TLS handshake, timeouts), duck-typed so tests need no sockets."""
+    if not HAS_BOTO3:
+        return False
+    from botocore import exceptions as bex
+    return isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
+                            bex.ReadTimeoutError, bex.HTTPClientError))
+
+
+def is_retryable(exc, extra_codes=()):
+    """True for throttling, 5xx and connection errors: the failures another attempt may cure."""
+    if is_connection_error(exc):
+        return True
+    code = error_code(exc)
+    if not code and error_status(exc) is None:
+        return False
+    status = error_status(exc) or 0
+    return code in RETRYABLE_ERROR_CODES or code in extra_codes or status == 429 or status >= 500
+
+
+def jittered_backoff(retries=5, delay=1.0, max_delay=30.0, catch_extra_error_codes=(), sleep=time.sleep):
+    """Decorator (AWSRetry.jittered_backoff style): retry on ``is_retryable`` errors with full-jitter backoff.
+
+    botocore's own retries already cover single calls; this is for sequences that need more patience, such as a
+    bucket that was just created elsewhere (``catch_extra_error_codes=['NoSuchBucket']``).
+    """
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            for attempt in range(retries + 1):
+                try:
+                    return func(*args, **kwargs)
+                except Exception as exc:  # only botocore errors are classified as retryable
+                    if attempt >= retries or not is_retryable(exc, catch_extra_error_codes):
+                        raise
+                    sleep(random.uniform(0, min(max_delay, delay * (2 ** attempt))))
+        return wrapper
+    return decorator
+
+
+def describe_client_error(exc, action, endpoint_url=None):
+    """A botocore error -> one operator message: what was being done, what went wrong, what to check."""
+    where = endpoint_url or (getattr(exc, "kwargs", None) or {}).get("endpoint_url") or "the configured endpoint_url"
+    if HAS_BOTO3:
+        from botocore import exceptions as bex
+        if isinstance(exc, bex.SSLError):
+            return ("TLS error talking to RGW at %s while trying to %s: %s (set ca_bundle to the CA that signed "
+                    "RGW's certificate)" % (where, action, exc))
+        if isinstance(exc, bex.NoCredentialsError):
+            return ("no RGW credentials while trying to %s: set access_key/access_key_file and "
+                    "secret_key/secret_key_file" % action)
+        if is_connection_error(exc):
+            return "RGW unreachable at %s while trying to %s: %s" % (where, action, exc)
+    code = error_code(exc)
+    status = error_status(exc)
+    if code in ACCESS_KEY_ERROR_CODES:
+        return "access denied: check access/secret key (RGW said %s while trying to %s)" % (code, action)
+    if code == "AccessDenied" or status == 403:
+        return ("access denied while trying to %s: the RGW user lacks permission (%s)"
+                % (action, error_text(exc)))
+    if code or status:
+        return "RGW failed to %s: %s" % (action, error_text(exc))
+    return "RGW failed to %s: %s: %s" % (action, type(exc).__name__, exc)
+
+
+def error_text(exc):
+    code, message = _error_fields(exc)
+    code = code or "error"
+    status = error_status(exc)
+    text = "%s: %s" % (code, message) if message and message != code else code
+    return "%s (HTTP %s)" % (text, status) if status else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Connection
+
+
+def require_boto3():
+    if not HAS_BOTO3:
+        raise PublisherError("boto3 and botocore are required on the managed host (pip install boto3)",
+                             exception=BOTO3_IMPORT_ERROR)
+
+
+def _verify(params):
+    """botocore's ``verify``: the CA bundle path, or False to skip verification (tests only), or True."""
+    if params.get("ca_bundle"):
+        return params["ca_bundle"]
+    return bool(params.get("validate_certs", True))
+
+
+def client_config(max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS, **overrides):
+    """botocore Config shared by every client: standard retries, checksums only when required (RGW/older S3),
+    path-style addressing (RGW without rgw_dns_name), and a connection pool sized by the caller."""
+    options = dict(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=max_pool_connections,
+        s3={"addressing_style": "path"},
+    )
+    options.update(overrides)
+    return Config(**options)
+
+
+class Connection:
+    """One RGW endpoint with one set of credentials, from the ``rgw`` doc-fragment options.
+
+    Static credentials come from ``access_key``/``secret_key`` (or their ``_file`` options), else boto3's usual
+    chain. With ``assume_role_arn`` those credentials only call STS AssumeRole; the clients use the role's.
+    ``max_attempts`` is botocore's: retries after the first try. ``max_pool_connections`` sizes the HTTP pool (set
+    it to the number of parallel transfers). ``config_overrides`` go into botocore's Config (e.g. ``read_timeout``).
+    Clients are made once per service; ``signed_request`` sends what boto3 has no operation (or no fast path) for.
+    """
+
+    def __init__(self, params, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS,
+                 **config_overrides):
+        require_boto3()
+        self.endpoint_url = params["endpoint_url"]
+        self.verify = _verify(params)
+        self.config = client_config(max_pool_connections, max_attempts, **config_overrides)
+        self.session = boto3.session.Session(
+            aws_access_key_id=secret_option(params, "access_key", "RGW access key"),
+            aws_secret_access_key=secret_option(params, "secret_key", "RGW secret key"),
+            aws_session_token=params.get("session_token") or None,
+            region_name=params.get("region") or "default",
+        )
+        if params.get("assume_role_arn"):
+            self.session = self._assumed_role_session(params)
+        self._clients = {}
+        self._http = None
+
+    def client(self, service):
+        """The boto3 client for ``service`` ('s3', 'sns', 'sts'), made on first use."""
+        if service not in self._clients:
+            try:
+                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url,
+                                                             verify=self.verify, config=self.config)
+            except (BotoCoreError, ValueError) as exc:
+                raise PublisherError("cannot build an RGW %s client for %s: %s" % (service, self.endpoint_url, exc))
+        return self._clients[service]
+
+    def _assumed_role_session(self, params):
+        sts = self.session.client("sts", endpoint_url=self.endpoint_url, verify=self.verify, config=self.config)
+        action = "assume role %s" % params["assume_role_arn"]
+        try:
+            session_name = params.get("role_session_name") or "cvmfs-publisher"
+            credentials = sts.assume_role(RoleArn=params["assume_role_arn"],
+                                          RoleSessionName=session_name)["Credentials"]
+        except (BotoCoreError, ClientError) as exc:
+            raise PublisherError(describe_client_error(exc, action, self.endpoint_url))
+        return boto3.session.Session(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+            region_name=self.session.region_name,
+        )
+
+    def _http_session(self):
+        """An HTTP session set up as botocore sets up a client's: same TLS verification, timeouts, proxies, pool."""
+        if self._http is None:
+            config = self.config
+            self._http = URLLib3Session(
+                verify=self.verify,
+                proxies=config.proxies or get_environ_proxies(self.endpoint_url),
+                timeout=(config.connect_timeout, config.read_timeout),
+                max_pool_connections=config.max_pool_connections,
+                client_cert=config.client_cert,
+                proxies_config=config.proxies_config,
+            )
+        return self._http
+
+    def signed_request(self, method, url, operation, stream=False):
+        """Send one SigV4-signed S3 request (credentials from the public ``Session.get_credentials()``).
+
+        Returns botocore's HTTP response (``stream``: the body is read from ``response.raw``); an HTTP error
+        answer raises a ClientError parsed from RGW's XML, so messages and retries treat it like boto3's own.
+        """
+        request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None, stream_output=stream)
+        credentials = self.session.get_credentials()
+        if credentials is None:
+            from botocore.exceptions import NoCredentialsError
+            raise NoCredentialsError()
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.session.region_name).add_auth(request)
+        response = self._http_session().send(request.prepare())
+        if response.status_code >= 300:
+            if stream:
+                response.raw.close()
+            raise client_error_from_http(response, operation)
+        return response
+
+    def failure(self, exc, action):
+        """The PublisherError for a botocore error met while doing ``action`` against this endpoint."""
+        return PublisherError(describe_client_error(exc, action, self.endpoint_url))
+
+
+def connect(params, service, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS,
+            **config_overrides):
+    """A boto3 client for ``service`` against RGW (see ``Connection``)."""
+    return Connection(params, max_pool_connections, max_attempts, **config_overrides).client(service)
+
+
+def client_error_from_http(response, operation):
+    """A ClientError from a raw S3 XML error answer, so ``describe_client_error`` handles it like the others."""
+    from xml.etree import ElementTree
+    code, message = "", ""
+    try:
+        root = ElementTree.fromstring(response.content or b"<Error/>")
+        code = root.findtext("Code") or ""
+        message = root.findtext("Message") or ""
+    except ElementTree.ParseError:
+        pass
+    return ClientError({"Error": {"Code": code or str(response.status_code), "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, operation)
