@@ -296,8 +296,6 @@ class CvmfsServer:
         return parse_list_output(self.run("list")[1])
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Driving cvmfs_server through a publish: busy retries, a quiet abort, the revision published
 

@@ -179,7 +179,7 @@ def ensure_bucket_notification(rgw, params, check_mode):
     if changed and not check_mode:
         if len(mine) > 1 or (current and current["topic_arn"] != desired["topic_arn"]):
             remove_notification(rgw, bucket, notification_id, len(mine))
-        put_topic_configurations(rgw, bucket, merge_notification(configurations, notification_id,
-                                                                notification_config(desired)))
+        merged = merge_notification(configurations, notification_id, notification_config(desired))
+        put_topic_configurations(rgw, bucket, merged)
     result.update(changed=changed, notification=desired, diff=dict(before=current, after=desired))
     return result

@@ -164,8 +164,8 @@ class BucketObjects:
             raise
         etag = sp.normalize_etag(response.headers.get("ETag"))
         announced = response.headers.get("Content-Length")
-        if (announced is not None and int(announced) != size) or (sp.etag_is_md5(etag)
-                                                                   and digest.hexdigest() != etag):
+        wrong_md5 = sp.etag_is_md5(etag) and digest.hexdigest() != etag
+        if (announced is not None and int(announced) != size) or wrong_md5:
             os.unlink(path)
             raise TransferError("download of s3://%s/%s was corrupted: got %d bytes with MD5 %s, RGW announced %s "
                                 "bytes with ETag %s" % (self.bucket, change.key, size, digest.hexdigest(), announced,

@@ -260,5 +260,3 @@ def ensure_topic(rgw, params, check_mode):
         notifications_need_refresh=current is not None,
         diff=dict(before=masked_topic(current), after=masked_topic(desired)),
     )
-
-
