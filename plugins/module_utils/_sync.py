@@ -27,6 +27,8 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import functools
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -34,7 +36,9 @@ from dataclasses import dataclass, field
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _naming as naming
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _refusals as refusals_mod
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _tarball as tarball
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._sync_staging import (
@@ -61,6 +65,8 @@ SYNC_ARGSPEC = dict(
     abort_stale_transaction=dict(type="bool", default=True),
     transaction_retries=dict(type="int", default=5),
     max_reported_paths=dict(type="int", default=100),
+    report_key=dict(type="str", default=refusals_mod.DEFAULT_REPORT_KEY, no_log=False),
+    **tarball.LIMIT_OPTIONS
 )
 DEFAULT_STATE_DIR = "/var/lib/cvmfs-publisher/state"
 DEFAULT_STAGING_DIR = "/var/spool/cvmfs-publisher/staging"
@@ -86,6 +92,8 @@ class SyncSettings:
     abort_stale_transaction: bool
     transaction_retries: int
     max_reported_paths: int
+    report_key: str = refusals_mod.DEFAULT_REPORT_KEY  # the uploader's report in the bucket; "" for none
+    limits: tarball.Limits = None  # per-tarball limits (None: the defaults)
 
     @classmethod
     def from_params(cls, params):
@@ -100,13 +108,18 @@ class SyncSettings:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         root = params.get("cvmfs_root") or ""
+        report_key = params.get("report_key", refusals_mod.DEFAULT_REPORT_KEY) or ""
+        problem = refusals_mod.check_report_key(report_key, prefix)
+        if problem:
+            raise SyncError(problem)
         return cls(
             repository=fqrn, bucket=bucket, prefix=prefix, mode=params["mode"], keys=tuple(params["keys"] or ()),
             tarballs=params["tarballs"], concurrency=max(1, params["concurrency"]),
             state_dir=params.get("state_dir") or cvmfs.rooted(root, DEFAULT_STATE_DIR),
             staging_dir=params.get("staging_dir") or cvmfs.rooted(root, DEFAULT_STAGING_DIR),
             abort_stale_transaction=params["abort_stale_transaction"],
-            transaction_retries=params["transaction_retries"], max_reported_paths=params["max_reported_paths"])
+            transaction_retries=params["transaction_retries"], max_reported_paths=params["max_reported_paths"],
+            report_key=report_key, limits=tarball.Limits.from_params(params))
 
 
 @dataclass
@@ -124,6 +137,8 @@ class SyncResult:
     bytes_downloaded: int = 0
     objects_downloaded: int = 0
     durations: dict = field(default_factory=dict)
+    refusals: refusals_mod.Refusals = None
+    report_error: str = None  # why the uploader's report could not be written (tried again next run)
 
     @property
     def revision(self):
@@ -145,13 +160,16 @@ class SyncResult:
             revision=self.revision, revisions=list(self.revisions), bytes_downloaded=self.bytes_downloaded,
             objects_downloaded=self.objects_downloaded, durations=dict(self.durations),
             added=plan.count("add"), updated=plan.count("update"), deleted=plan.count("delete"),
-            unchanged=plan.unchanged, refused=len(plan.refused), refused_objects=plan.refused[:limit],
+            unchanged=plan.unchanged, refused=len(self.refusals.entries),
+            refused_objects=self.refusals.current()[:limit], refusals=self.refusals.result(limit),
             paths=dict(added=_paths(plan.changes, "add", limit), updated=_paths(plan.changes, "update", limit),
                        deleted=_paths(plan.changes, "delete", limit)))
         if self.state_rebuilt is not None:
             result["state_rebuilt"] = self.state_rebuilt
         if self.revisions:
             result["published_changes"] = self.published_changes
+        if self.report_error:
+            result["report_error"] = self.report_error
         return result
 
 
@@ -176,17 +194,28 @@ def sync(settings, server, objects, check_mode=False):
     result = SyncResult(settings)
     timer = time.monotonic()
     _abort_stale_transaction(settings, server, result, check_mode)
-    plan, old_state = _plan(settings, server, objects, result)
+    refusal_store = _refusal_store(settings)
+    result.refusals, remembered = refusal_store.load()
+    observed = {}
+    plan, old_state = _plan(settings, server, objects, result, observed)
+    now = time.time()
+    result.refusals.skip_known(plan)
+    result.refusals.settle(plan, observed, result.mode == "full", now)
     result.plan = plan
     result.durations["plan"] = round(time.monotonic() - timer, 3)
     if check_mode:
         result.changed = result.changed or bool(plan.changes)
         return result
 
+    def refuse(change, kind, reason):
+        result.refusals.refuse(change.key, change.etag, reason, kind, now)
+
     folder = make_staging_folder(settings.staging_dir, fqrn)
     try:
         timer = time.monotonic()
-        staged, result.bytes_downloaded = stage(objects, plan, folder, settings.concurrency, old_state)
+        staged, result.bytes_downloaded = stage(
+            objects, plan, folder, settings.concurrency, old_state,
+            judge=lambda path: tarball.judge_verdict(path, settings.limits, scratch_parent=folder), refuse=refuse)
         result.objects_downloaded = len(staged)
         result.durations["download"] = round(time.monotonic() - timer, 3)
         timer = time.monotonic()
@@ -194,7 +223,35 @@ def sync(settings, server, objects, check_mode=False):
         result.durations["transaction"] = round(time.monotonic() - timer, 3)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    _record_refusals(settings, objects, result, refusal_store, remembered.get("report_digest"), now)
     return result
+
+
+def _refusal_store(settings):
+    return refusals_mod.RefusalStore(settings.state_dir, settings.repository,
+                                     sp.state_identity(settings.repository, settings.bucket, settings.prefix,
+                                                       settings.tarballs))
+
+
+def _record_refusals(settings, objects, result, store, written_digest, now):
+    """After a successful run: remember the refusals, and rewrite the uploader's report when what it says changed
+    (a failure to write it is reported, not fatal: the next run tries again)."""
+    refusals, old_digest = result.refusals, written_digest
+    current = json.dumps([(r["key"], r["etag"], r["reason"]) for r in refusals.current()])
+    digest = hashlib.sha256(current.encode("utf-8")).hexdigest()
+    # A bucket that never had a refusal gets no report at all.
+    if settings.report_key and digest != written_digest and (refusals.entries or written_digest):
+        try:
+            objects.put(settings.report_key, refusals_mod.report_json(
+                settings.repository, settings.bucket, settings.prefix, refusals, now).encode("utf-8"))
+            written_digest = digest
+        except PublisherError as exc:
+            result.report_error = exc.msg
+    if refusals.changed or written_digest != old_digest:
+        try:
+            store.save(refusals, written_digest)
+        except (IOError, OSError) as exc:
+            raise SyncError("cannot write the refusals file %s: %s" % (store.path, exc.strerror or exc))
 
 
 def _abort_stale_transaction(settings, server, result, check_mode):
@@ -218,22 +275,31 @@ def _store(settings):
                       sp.state_identity(settings.repository, settings.bucket, settings.prefix, settings.tarballs))
 
 
-def _plan(settings, server, objects, result):
-    """Steps 1 and 2 of the module docstring: (plan, the state it was made against)."""
+def _recorded(observations, observed):
+    """Pass the observations through, noting key -> etag (None: absent) in ``observed``."""
+    for obs in observations:
+        observed[obs.key] = obs.etag
+        yield obs
+
+
+def _plan(settings, server, objects, result, observed):
+    """Steps 1 and 2 of the module docstring: (plan, the state it was made against); ``observed`` gets what the
+    bucket holds for every key looked at."""
     prefix, tarballs = settings.prefix, settings.tarballs
     old_state, why = _store(settings).load()
     if old_state is not None and settings.mode == "changes":
         result.mode = "changes"
         observations = _observe_keys(objects, settings.keys, prefix, settings.concurrency)
-        return sp.plan(old_state, observations, prefix, tarballs, complete=False), old_state
+        return sp.plan(old_state, _recorded(observations, observed), prefix, tarballs, complete=False), old_state
     result.mode = "full"
     if old_state is not None:
-        return sp.plan(old_state, objects.list(prefix), prefix, tarballs, complete=True), old_state
+        return sp.plan(old_state, _recorded(objects.list(prefix), observed), prefix, tarballs,
+                       complete=True), old_state
     # No trustworthy state: compare the whole bucket with what is published (costs a re-check, never a wrong
     # repository).
     result.state_rebuilt = why
     listing = {}
-    for obs in objects.list(prefix):
+    for obs in _recorded(objects.list(prefix), observed):
         listing[obs.key] = obs
     old_state = state_from_published(server.union_dir(settings.repository), listing, prefix, tarballs)
     return sp.plan(old_state, listing.values(), prefix, tarballs, complete=True), old_state

@@ -20,7 +20,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
-import posixpath
 import re
 
 FILE = "file"
@@ -130,40 +129,6 @@ def target_of(key, kind, prefix):
     """The repository path of an entry already known to be valid (from state): no re-validation."""
     path = key[len(prefix):]
     return tarball_target(path) if kind == TARBALL else path
-
-
-def tar_member_problem(name, is_regular, is_dir, is_symlink, is_hardlink, linkname):
-    """Why a tar member must not be published (None when it is fine). ``name`` is relative to the base directory.
-
-    Refused: absolute names, `..`, names that would be whiteouts or CVMFS-managed files, links whose target
-    leaves the base directory, device files and FIFOs, and a `.cvmfscatalog` that is not a regular file
-    (CVMFS panics on it).
-    """
-    clean = name[2:] if name.startswith("./") else name
-    clean = clean.rstrip("/") if is_dir else clean
-    if clean in ("", "."):
-        return None if is_dir else "member %r has no name" % name
-    try:
-        check_relative_path(clean, "member %r" % name)
-    except Refused as exc:
-        return str(exc)
-    if not (is_regular or is_dir or is_symlink or is_hardlink):
-        return "member %r is a device file or FIFO" % name
-    if posixpath.basename(clean) == ".cvmfscatalog" and not is_regular:
-        return "member %r: '.cvmfscatalog' must be a regular file" % name
-    if is_symlink:
-        if linkname.startswith("/"):
-            return "member %r is a symbolic link to the absolute path %r" % (name, linkname)
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(clean), linkname))
-        if resolved == ".." or resolved.startswith("../"):
-            return "member %r is a symbolic link pointing outside the tarball's directory (%r)" % (name, linkname)
-    if is_hardlink:
-        target = linkname[2:] if linkname.startswith("./") else linkname
-        try:
-            check_relative_path(target, "hard link target of %r" % name)
-        except Refused as exc:
-            return str(exc)
-    return None
 
 
 class Observation:

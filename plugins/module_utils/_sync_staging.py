@@ -13,11 +13,11 @@ __metaclass__ = type
 
 import os
 import shutil
-import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _tarball as tarball
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import ObjectGone
 
@@ -43,43 +43,53 @@ def make_staging_folder(staging_root, fqrn):
 # Downloading into staging
 
 
-def tarball_problems(path):
-    """Reasons to refuse a staged tarball (members escaping its directory), or a list with the read error."""
-    problems = []
+def check_free_space(folder, needed):
+    """A StagingError (transient: the run fails and is retried) when ``folder``'s file system has less room than
+    ``needed`` bytes plus a margin of 5% and 64 MiB."""
     try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                problem = sp.tar_member_problem(member.name, member.isreg(), member.isdir(), member.issym(),
-                                                member.islnk(), member.linkname)
-                if problem:
-                    problems.append(problem)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        problems.append("not a readable tar archive: %s" % exc)
-    return problems
+        info = os.statvfs(folder)
+    except OSError:
+        return  # cannot tell: the downloads themselves will say
+    free = info.f_bavail * info.f_frsize
+    wanted = int(needed * 1.05) + (64 << 20)
+    if needed and free < wanted:
+        raise StagingError("not enough free space to stage this run's downloads in %s: %d MiB free, %d MiB needed "
+                           "(%d MiB of objects plus a margin); free some space or point staging_dir elsewhere, the "
+                           "run is retried" % (folder, free >> 20, wanted >> 20, needed >> 20))
 
 
-def stage(objects, plan, folder, concurrency, old_state):
+def stage(objects, plan, folder, concurrency, old_state, judge=None, refuse=None):
     """Download every add/update of ``plan`` into ``folder`` (``objects.download(change, folder)``, see
     ``_rgw/objects.py``). Returns ({key: staged path}, bytes downloaded).
 
-    An object gone since it was listed becomes a deletion (or nothing, if it was never published); a tarball
-    with an escaping member is refused and keeps its previous version. The plan is edited in place.
+    An object gone since it was listed becomes a deletion (or nothing, if it was never published). Each staged
+    tarball is judged (``judge(path)``: None, or (kind, reason), see ``_tarball.judge_verdict``); a refused one
+    is handed to ``refuse(change, kind, reason)``, dropped from the plan and keeps its previous version.
+    The plan is edited in place. Not enough room in ``folder`` for the downloads is a StagingError.
     """
     wanted = plan.downloads
-    staged, gone = {}, set()
+    check_free_space(folder, sum(c.size or 0 for c in wanted))
+    if judge is None:
+        def judge(path):
+            return tarball.judge_verdict(path, scratch_parent=folder)
+    staged, gone, verdicts = {}, set(), {}
 
     def fetch(change):
+        """Download, and judge a tarball right away (in the same worker thread)."""
         try:
-            return change, objects.download(change, folder)
+            path = objects.download(change, folder)
         except ObjectGone:
-            return change, None
+            return change, None, None
+        return change, path, judge(path) if change.kind == sp.TARBALL else None
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for change, path in pool.map(fetch, wanted):
+        for change, path, verdict in pool.map(fetch, wanted):
             if path is None:
                 gone.add(change.key)
             else:
                 staged[change.key] = path
+                verdicts[change.key] = verdict
+    downloaded = sum(os.path.getsize(p) for p in staged.values())
     kept = []
     for change in plan.changes:
         if change.key in gone and change.op != "delete":
@@ -88,14 +98,18 @@ def stage(objects, plan, folder, concurrency, old_state):
                 kept.append(sp.Change("delete", change.key, kind, sp.target_of(change.key, kind, plan.prefix)))
             continue
         if change.op != "delete" and change.kind == sp.TARBALL:
-            problems = tarball_problems(staged[change.key])
-            if problems:
-                plan.refuse(change.key, "tarball refused, nothing of it published: %s" % "; ".join(problems[:5]))
+            verdict = verdicts.get(change.key)
+            if verdict:
+                kind, reason = verdict
+                reason = "tarball refused, nothing of it published: %s" % reason
+                plan.refuse(change.key, reason, kind)
+                if refuse is not None:
+                    refuse(change, kind, reason)
+                os.unlink(staged.pop(change.key))
                 continue
         kept.append(change)
     # Deletions first, as the plan orders them.
     plan.changes = [c for c in kept if c.op == "delete"] + [c for c in kept if c.op != "delete"]
-    downloaded = sum(os.path.getsize(p) for p in staged.values())
     return staged, downloaded
 
 

@@ -38,6 +38,7 @@ class FakeBucket:
         self.objects = dict(objects or {})
         self.heads, self.downloads, self.listings = [], [], 0
         self.vanish_on_download = set()
+        self.puts = []
         self.fail_download = None
 
     def list(self, prefix):
@@ -64,6 +65,10 @@ class FakeBucket:
             handle.write(data)
         change.etag, change.size = md5(data), len(data)
         return path
+
+    def put(self, key, body, content_type="application/json"):
+        self.puts.append(key)
+        self.objects[key] = body
 
 
 @pytest.fixture
@@ -152,8 +157,8 @@ def test_changes_mode_asks_only_about_touched_keys_it_may_publish(server):
     assert bucket.heads == [["cvmfs/a", "cvmfs/b"]], "sorted, once each, the refused key never asked about"
     assert bucket.listings == 1, "only the first (state-less) run listed the bucket"
     assert result["mode"] == "changes" and result["updated"] == 1 and result["deleted"] == 1
-    refused = [(r["key"], r["reason"]) for r in result["refused_objects"]]
-    assert refused == [("cvmfs/../x", "key has a '..' path segment")]
+    assert [(r["key"], r["reason"], r["category"]) for r in result["refused_objects"]] == [
+        ("cvmfs/../x", "key has a '..' path segment", "key")]
     assert published(server) == {"a": sha(b"v2")}
 
 
@@ -200,3 +205,81 @@ def test_a_missing_repository_is_named_before_the_bucket_is_read(server):
     with pytest.raises(_sync.SyncError, match="repository other.infn.it does not exist on this publisher"):
         _sync.sync(settings(server, repository="other.infn.it"), server, bucket)
     assert bucket.listings == 0
+
+
+# -- hostile content: per-object outcomes -----------------------------------------------------------------------
+
+def tar(members):
+    from tarballs import tarball_bytes
+    return tarball_bytes(members, compress=True)
+
+
+ESCAPING = tar([("sym", "b", "."), ("sym", "c", "b/b/b/../../../../etc/passwd")])
+REPORT = ".cvmfs-publisher/report.json"
+
+
+def test_a_hostile_tarball_is_refused_alone_remembered_reported_and_cleared_by_a_fix(server):
+    import json
+    bucket = FakeBucket({"cvmfs/evil.tgz": ESCAPING, "cvmfs/good.tgz": tar([("file", "bin/tool", b"tool")]),
+                         "cvmfs/plain": b"plain", "cvmfs/a/.wh.gone": b"whiteout"})
+    first = _sync.sync(settings(server), server, bucket).as_dict()
+    assert published(server) == {"good/bin/tool": sha(b"tool"), "plain": sha(b"plain")}
+    refused = {r["key"]: r for r in first["refused_objects"]}
+    assert sorted(refused) == ["cvmfs/a/.wh.gone", "cvmfs/evil.tgz"] and first["refused"] == 2
+    assert refused["cvmfs/evil.tgz"]["category"] == "tarball"
+    assert refused["cvmfs/evil.tgz"]["etag"] == md5(ESCAPING)
+    assert "member 'c' is a symbolic link to 'b/b/b/../../../../etc/passwd'" in refused["cvmfs/evil.tgz"]["reason"]
+    assert sorted(n["key"] for n in first["refusals"]["new"]) == ["cvmfs/a/.wh.gone", "cvmfs/evil.tgz"]
+    report = json.loads(bucket.objects[REPORT])
+    assert sorted(r["key"] for r in report["refused"]) == ["cvmfs/a/.wh.gone", "cvmfs/evil.tgz"]
+    assert report["repository"] == FQRN and bucket.puts == [REPORT]
+
+    # Unchanged: not downloaded, not judged, not reported again, not new; a full sync succeeds.
+    downloads = len(bucket.downloads)
+    second = _sync.sync(settings(server), server, bucket).as_dict()
+    assert len(bucket.downloads) == downloads and not second["changed"]
+    assert second["refused"] == 2 and second["refusals"]["new"] == [] and second["refusals"]["skipped"] == 1
+    assert bucket.puts == [REPORT]
+
+    # Fixed: published, the refusal cleared, the report rewritten; the deleted whiteout key is cleared too.
+    bucket.objects["cvmfs/evil.tgz"] = tar([("file", "now/fine", b"fine")])
+    del bucket.objects["cvmfs/a/.wh.gone"]
+    third = _sync.sync(settings(server), server, bucket).as_dict()
+    assert sorted(third["refusals"]["cleared"]) == ["cvmfs/a/.wh.gone", "cvmfs/evil.tgz"]
+    assert third["refused"] == 0 and published(server)["evil/now/fine"] == sha(b"fine")
+    assert json.loads(bucket.objects[REPORT])["refused"] == [] and bucket.puts == [REPORT, REPORT]
+
+
+def test_a_refused_update_keeps_the_published_version_and_changes_mode_remembers_it(server):
+    bucket = FakeBucket({"cvmfs/sw.tgz": tar([("file", "v1", b"one")])})
+    _sync.sync(settings(server), server, bucket)
+    bucket.objects["cvmfs/sw.tgz"] = ESCAPING
+    result = _sync.sync(settings(server, mode="changes", keys=["cvmfs/sw.tgz"]), server, bucket).as_dict()
+    assert result["refused"] == 1 and result["updated"] == 0 and published(server) == {"sw/v1": sha(b"one")}
+    downloads = len(bucket.downloads)
+    again = _sync.sync(settings(server, mode="changes", keys=["cvmfs/sw.tgz"]), server, bucket).as_dict()
+    assert len(bucket.downloads) == downloads and again["refused"] == 1 and again["refusals"]["new"] == []
+
+
+def test_over_a_limit_is_refused_with_the_figure(server):
+    members = [("file", "f%d" % i, b"x" * 100) for i in range(30)]
+    bucket = FakeBucket({"cvmfs/many.tgz": tar(members), "cvmfs/ok": b"ok"})
+    result = _sync.sync(settings(server, tarball_max_members=10), server, bucket).as_dict()
+    (refusal,) = result["refused_objects"]
+    assert refusal["category"] == "limit" and "more than 10 members" in refusal["reason"]
+    assert published(server) == {"ok": sha(b"ok")}
+
+
+def test_the_report_can_be_moved_or_switched_off_but_never_published(server):
+    bucket = FakeBucket({"cvmfs/evil.tgz": ESCAPING})
+    _sync.sync(settings(server, report_key=""), server, bucket)
+    assert bucket.puts == []
+    with pytest.raises(_sync.SyncError, match="under the published prefix"):
+        settings(server, report_key="cvmfs/report.json")
+
+
+def test_no_room_in_staging_is_a_transient_failure_naming_both_figures(tmp_path):
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_staging as staging
+    with pytest.raises(staging.StagingError, match=r"not enough free space to stage .* MiB free, \d+ MiB needed"):
+        staging.check_free_space(str(tmp_path), 1 << 60)
+    staging.check_free_space(str(tmp_path), 1024)

@@ -91,39 +91,6 @@ def test_etags():
     assert not sp.etag_is_md5(MD5 + "-3")
 
 
-# --- tar members --------------------------------------------------------------------------------------------
-
-def member(name, kind="file", linkname=""):
-    return sp.tar_member_problem(name, kind == "file", kind == "dir", kind == "symlink", kind == "hardlink",
-                                 linkname)
-
-
-@pytest.mark.parametrize("args", [
-    ("bin/tool",), ("./bin/tool",), ("./", "dir"), ("lib/", "dir"),
-    ("lib/libx.so", "symlink", "libx.so.1"), ("lib/a/b", "symlink", "../../share/x"),
-    ("lib/h", "hardlink", "./lib/libx.so.1"), ("sub/.cvmfscatalog",),
-])
-def test_safe_members(args):
-    assert member(*args) is None
-
-
-@pytest.mark.parametrize("args, reason", [
-    (("../evil",), "'..' path segment"),
-    (("a/../../evil",), "'..' path segment"),
-    (("/etc/passwd",), "absolute"),
-    (("lib/x", "symlink", "/etc/passwd"), "absolute path"),
-    (("lib/x", "symlink", "../../etc"), "pointing outside"),
-    (("x", "symlink", ".."), "pointing outside"),
-    (("h", "hardlink", "../outside"), "'..' path segment"),
-    (("dev/null", "device"), "device file or FIFO"),
-    (("a/.wh.b",), "whiteout"),
-    (("a/.cvmfscatalog", "symlink", "x"), "must be a regular file"),
-])
-def test_escaping_members_are_refused(args, reason):
-    problem = member(*args)
-    assert problem is not None and reason in problem
-
-
 # --- planning -----------------------------------------------------------------------------------------------
 
 def test_full_plan_from_nothing_adds_everything_and_skips_markers():

@@ -127,6 +127,14 @@ class BucketObjects:
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys) or 1))) as pool:
             return list(pool.map(head, keys))
 
+    # -- small writes --------------------------------------------------------------------------------------------
+    def put(self, key, body, content_type="application/json"):
+        """Write a small object (the uploader's report); TransferError when RGW refuses or cannot be reached."""
+        try:
+            self.rgw.client("s3").put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise TransferError(describe_client_error(exc, "write s3://%s/%s" % (self.bucket, key)), key=key)
+
     # -- download --------------------------------------------------------------------------------------------------
     @jittered_backoff(retries=4, delay=0.5)
     def _get(self, key):
