@@ -29,8 +29,14 @@ description:
   - "Keys that would escape the repository or that CVMFS reserves are refused and reported, never applied:
     C(..), C(.) or empty segments, control characters, a top-level C(.cvmfs), overlay whiteouts C(.wh.*),
     C(.cvmfsautocatalog), keys outside O(prefix), and paths that clash with another object (a file where a
-    folder is needed). A tarball with a member that would land outside its folder (C(..), absolute paths,
-    links pointing out, device files) is refused as a whole."
+    folder is needed). A tarball is judged as extraction would resolve it (the standard library's C(data)
+    extraction filter, links resolved through the tarball's own earlier links); a member that would land or
+    point outside its folder, a hard link, a device file, a whiteout or a top-level C(.cvmfs) refuses the whole
+    tarball, and so does passing a limit (O(tarball_max_expanded_bytes), O(tarball_max_members),
+    O(tarball_max_ratio))."
+  - "A refusal is a per-object outcome: the run publishes everything else and succeeds. It is remembered with the
+    object's ETag (C(<state_dir>/<repository>.refused.json)), so that version is not downloaded again; a new
+    upload or the deletion of the object clears it. The uploader finds the list in their bucket (O(report_key))."
 author:
   - cvmfs-publisher developers (@infn-cloud)
 extends_documentation_fragment:
@@ -122,6 +128,27 @@ options:
       - At most this many paths per list (added, updated, deleted, refused) in the result and the diff.
     type: int
     default: 100
+  report_key:
+    description:
+      - Where the uploader's report goes in the bucket, rewritten after each run that refused or cleared something
+        (JSON, every refused object with its key, ETag, reason and since when). It must lie outside O(prefix),
+        so it is neither published nor notified. An empty string switches the report off.
+    type: str
+    default: .cvmfs-publisher/report.json
+  tarball_max_expanded_bytes:
+    description:
+      - A tarball whose members add up to more bytes than this is refused (the figure is in the reason).
+        Default 20 GiB.
+    type: int
+  tarball_max_members:
+    description:
+      - A tarball with more members than this is refused. Default 1,000,000.
+    type: int
+  tarball_max_ratio:
+    description:
+      - A tarball that expands more than this many times its stored size is refused (counted once it expands
+        past 16 MiB, so small archives are never refused for tar's padding). Default 200.
+    type: int
 notes:
   - The state file and the staging folder must not be shared by two publishers of the same repository; run one
     sync per repository at a time (the consumer does).
@@ -181,15 +208,29 @@ unchanged:
   returned: always
   type: int
 refused:
-  description: Objects refused (never applied).
+  description: Objects refused now (never applied), this run's and those remembered from earlier runs.
   returned: always
   type: int
 refused_objects:
-  description: The refused objects with the reason, up to O(max_reported_paths).
+  description: The refused objects with the reason, its kind (C(key), C(conflict), C(tarball), C(limit),
+    C(corrupt)), the ETag refused and since when, up to O(max_reported_paths).
   returned: always
   type: list
   elements: dict
-  sample: [{"key": "cvmfs/../etc/passwd", "reason": "key has a '..' path segment"}]
+  sample: [{"key": "cvmfs/../etc/passwd", "reason": "key has a '..' path segment", "category": "key",
+            "etag": "", "since": 1764694800.0}]
+refusals:
+  description: What this run changed about refusals, for the daemon's log and metrics; C(current) is
+    RV(refused_objects), C(new) the objects refused for the first time (or in a new version), C(cleared) the keys
+    whose refusal was lifted (fixed, deleted), C(skipped) the changed objects not even downloaded because that
+    same version was refused before.
+  returned: always
+  type: dict
+  sample: {"count": 1, "current": [], "new": [], "cleared": ["cvmfs/sw/v1.tar.gz"], "skipped": 0}
+report_error:
+  description: Why the uploader's report could not be written into the bucket (the next run tries again).
+  returned: when writing the report failed
+  type: str
 paths:
   description: Repository paths added, updated and deleted, up to O(max_reported_paths) each.
   returned: always
