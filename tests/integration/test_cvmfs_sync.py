@@ -203,31 +203,56 @@ def test_more_than_one_page_of_objects_then_changes_mode(repo):
     assert not third["changed"] and third["unchanged"] == 1500
 
 
-def test_hostile_keys_and_tarballs_are_refused_and_reported(repo):
+def test_hostile_keys_and_tarballs_are_refused_alone_remembered_and_reported_to_the_uploader(repo):
     hostile = ["cvmfs/../escape", "cvmfs/.cvmfs/snapshots/x", "cvmfs/dir/.wh.gone", "cvmfs/a//b",
-               "cvmfs/ctl\x01char", "cvmfs/d/.cvmfsautocatalog"]
+               "cvmfs/ctl\x01char", "cvmfs/d/.cvmfsautocatalog", "cvmfs/" + "n" * 300]
     for key in hostile:
         repo.put(key, b"evil")
     repo.put("cvmfs/evil.tgz", tgz({"ok": b"fine", "../../outside": b"evil"}))
     repo.put("cvmfs/link.tar.gz", tgz({"etc": ("symlink", "/etc")}))
     repo.put("cvmfs/up.tgz", tgz({"a/b": ("symlink", "../../..")}))
+    # The two chains: each link text normalises inside the folder; resolved through b -> . they leave it.
+    repo.put("cvmfs/chain.tgz", tgz({"b": ("symlink", "."), "c": ("symlink", "b/" * 8 + "../" * 7 + "etc/passwd")}))
+    repo.put("cvmfs/through.tgz", tgz({"b": ("symlink", "."), "d": ("symlink", "b/b/b/b/../../.."), "d/x": b"x"}))
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w:gz", compresslevel=1) as archive:
+        info = tarfile.TarInfo("zeros")
+        info.size = 64 << 20
+        archive.addfile(info, io.BytesIO(bytes(info.size)))
+    repo.put("cvmfs/bomb.tgz", bomb.getvalue())
     repo.put("cvmfs/good", b"good")
-    result = repo.sync()
+    repo.put("cvmfs/fine.tgz", tgz({"bin/tool": b"tool", "latest": ("symlink", "bin")}))
+    result = repo.sync(ansible=True)
     reasons = {item["key"]: item["reason"] for item in result["refused_objects"]}
+    kinds = {item["key"]: item["category"] for item in result["refused_objects"]}
     listed = {key for key in hostile if key in reasons}
     assert listed, "RGW kept none of the hostile keys"
-    for key in hostile:
-        # RGW may normalise some keys on upload; every hostile key it kept must be refused.
-        if key in reasons:
-            assert reasons[key]
-    assert "nothing of it published" in reasons["cvmfs/evil.tgz"] and "'..'" in reasons["cvmfs/evil.tgz"]
-    assert "absolute path" in reasons["cvmfs/link.tar.gz"]
-    assert "pointing outside" in reasons["cvmfs/up.tgz"]
-    assert result["refused"] == len(reasons) and result["added"] == 1
-    assert repo.tree() == {"good": sha(b"good")}
+    assert "cvmfs/" + "n" * 300 in listed and "name longer than 255 bytes" in reasons["cvmfs/" + "n" * 300]
+    assert "nothing of it published" in reasons["cvmfs/evil.tgz"]
+    assert "member '../../outside' has a '..' path segment" in reasons["cvmfs/evil.tgz"]
+    assert "member 'etc' is a symbolic link to the absolute path '/etc'" in reasons["cvmfs/link.tar.gz"]
+    assert "resolves outside the tarball's folder" in reasons["cvmfs/up.tgz"]
+    assert "member 'c' is a symbolic link to 'b/b/b/b/b/b/b/b/../../../../../../../etc/passwd', which resolves " \
+           "outside" in reasons["cvmfs/chain.tgz"]
+    assert "member 'd' is a symbolic link to 'b/b/b/b/../../..'" in reasons["cvmfs/through.tgz"]
+    assert "expands more than 200 times its size" in reasons["cvmfs/bomb.tgz"] and kinds["cvmfs/bomb.tgz"] == "limit"
+    assert result["refused"] == len(reasons) and result["added"] == 2 and result["failed"] is False
+    assert repo.tree() == {"good": sha(b"good"), "fine": "dir", "fine/bin": "dir", "fine/bin/tool": sha(b"tool"),
+                           "fine/latest": "link:bin"}
     assert not (Path(repo.root) / "cvmfs" / "escape").exists()
+    report = json.loads(repo.s3.get_object(Bucket=repo.short, Key=".cvmfs-publisher/report.json")["Body"].read())
+    assert {item["key"]: item["reason"] for item in report["refused"]} == reasons
+    # Remembered per ETag: the next full sync downloads nothing and succeeds; fixing one object clears it.
     again = repo.sync()
-    assert not again["changed"] and again["refused"] == result["refused"]
+    assert not again["changed"] and again["refused"] == result["refused"] and again["objects_downloaded"] == 0
+    assert again["refusals"]["new"] == [] and again["refusals"]["skipped"] == 6  # the six tarballs
+    repo.put("cvmfs/chain.tgz", tgz({"c": b"now a file"}))
+    repo.delete("cvmfs/bomb.tgz")
+    fixed = repo.sync()
+    assert sorted(fixed["refusals"]["cleared"]) == ["cvmfs/bomb.tgz", "cvmfs/chain.tgz"]
+    assert repo.files()["chain/c"] == sha(b"now a file") and fixed["refused"] == result["refused"] - 2
+    report = json.loads(repo.s3.get_object(Bucket=repo.short, Key=".cvmfs-publisher/report.json")["Body"].read())
+    assert "cvmfs/chain.tgz" not in {item["key"] for item in report["refused"]}
 
 
 def test_conflicting_paths_are_refused_not_fatal(repo):
@@ -235,7 +260,8 @@ def test_conflicting_paths_are_refused_not_fatal(repo):
     repo.sync()
     repo.put("cvmfs/a/b", b"under a file")
     result = repo.sync(mode="changes", keys=["cvmfs/a/b"])
-    assert result["refused_objects"] == [{"key": "cvmfs/a/b", "reason": "path 'a/b' conflicts with object 'cvmfs/a'"}]
+    assert [(r["key"], r["reason"], r["category"]) for r in result["refused_objects"]] == [
+        ("cvmfs/a/b", "path 'a/b' conflicts with object 'cvmfs/a'", "conflict")]
     assert repo.files() == {"a": sha(b"file a")}
 
 
