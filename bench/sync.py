@@ -121,7 +121,7 @@ def timed_engine(params):
 def engine_run(params_json):
     """Child process: one sync; prints {"result", "max_rss_mb"}."""
     from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
-    result = _sync.sync(json.loads(params_json))
+    result = _sync.run(json.loads(params_json))
     print(json.dumps({"result": result, "max_rss_mb": round(peak_rss_kb() / 1024.0, 1)}))
 
 
@@ -272,12 +272,60 @@ def rss_listing(env, s3, workdir, short, count, concurrency, figures):
     log("[rss] full reconcile of %d objects: peak RSS %.1f MB, %.2f s" % (count, rss, ours))
 
 
+def hostile_tarball(index):
+    """A tarball whose link chain leaves its folder only when resolved (b -> ., then c -> b/b/../../x)."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for name, target in (("b", "."), ("c", "b/" * 4 + "../" * 4 + "etc/passwd-%d" % index)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            archive.addfile(info)
+    return buf.getvalue()
+
+
+def refusals(env, s3, workdir, run_id, count, hostile, concurrency, figures):
+    """Two buckets of the same `count` objects, one with `hostile` refused objects besides (half escaping tarballs,
+    half refused keys): the first full sync of each, then 1% changed and a second full sync of each (the refusals
+    are remembered by then, so the refused objects are not downloaded again)."""
+    times = {}
+    for label, extra in (("clean", 0), ("with_refused", hostile)):
+        short = "b%s-%s" % (run_id, label.replace("_", "-"))
+        s3.create_bucket(Bucket=short)
+        keys = fill_bucket(s3, short, count, 4096)
+        for i in range(extra // 2):
+            s3.put_object(Bucket=short, Key="%sbad/t%04d.tgz" % (PREFIX, i), Body=hostile_tarball(i))
+            s3.put_object(Bucket=short, Key="%sbad/.wh.k%04d" % (PREFIX, i), Body=b"whiteout")
+        repo = Repository(env, short, workdir)
+        first, result, _ = repo.sync(concurrency)
+        assert result["added"] == count and result["refused"] == extra, result  # correctness, not timing
+        change_some(s3, short, keys[::100], b"one percent ")
+        second, result, _ = repo.sync(concurrency)
+        assert result["updated"] == len(keys[::100]) and result["objects_downloaded"] == len(keys[::100]), result
+        times[label] = (first, second)
+    row = {"objects": count, "refused_objects": hostile,
+           "first_full_clean_s": round(times["clean"][0], 2),
+           "first_full_with_refused_s": round(times["with_refused"][0], 2),
+           "second_full_clean_s": round(times["clean"][1], 2),
+           "second_full_with_refused_s": round(times["with_refused"][1], 2)}
+    row["first_ratio"] = round(times["with_refused"][0] / times["clean"][0], 2)
+    row["second_ratio"] = round(times["with_refused"][1] / times["clean"][1], 2)
+    row["goal"] = "second_ratio <= 1.10 (refused objects remembered: a bucket with them syncs as fast as one without)"
+    log("[refusals %d objects + %d refused] first full sync %.2f s vs %.2f s clean (x%.2f); second full sync (1%% "
+        "changed) %.2f s vs %.2f s clean (x%.2f; goal <= 1.10)"
+        % (count, hostile, times["with_refused"][0], times["clean"][0], row["first_ratio"], times["with_refused"][1],
+           times["clean"][1], row["second_ratio"]))
+    figures["refusals"] = row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-run", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="a tenth of every size (a quick check of the bench)")
     parser.add_argument("--rss-objects", type=int, default=100000)
+    parser.add_argument("--only-refusals", action="store_true", help="only the bucket-with-refused-objects figures")
     args = parser.parse_args()
     if args.engine_run:
         return engine_run(args.engine_run)
@@ -290,21 +338,23 @@ def main():
     try:
         s3 = s3_client(env)
         many = 10000 // scale
-        repo = full_copy(env, s3, workdir, "b%s-many" % run_id, many, 4096, args.concurrency, figures,
-                         "full_copy_%dx4KiB" % many)
-        full_copy(env, s3, workdir, "b%s-big" % run_id, 20, (20 << 20) // scale, args.concurrency, figures,
-                  "full_copy_20x%dMiB" % (20 // scale))
-        keys = ["%sd%02d/obj-%06d" % (PREFIX, i % 100, i) for i in range(many)]
-        no_change(env, repo, workdir, args.concurrency, figures)
-        one_percent(env, s3, repo, keys, args.concurrency, figures)
-        changes_mode(env, s3, repo, keys, args.concurrency, "changes_10_keys_in_%d" % many, figures)
-        small_short = "b%s-small" % run_id
-        s3.create_bucket(Bucket=small_short)
-        small_keys = fill_bucket(s3, small_short, many // 10, 4096)
-        small = Repository(env, small_short, workdir)
-        small.sync(args.concurrency)
-        changes_mode(env, s3, small, small_keys, args.concurrency, "changes_10_keys_in_%d" % (many // 10), figures)
-        rss_listing(env, s3, workdir, "b%s-rss" % run_id, args.rss_objects // scale, args.concurrency, figures)
+        refusals(env, s3, workdir, run_id, many // 2, 200 // scale, args.concurrency, figures)
+        if not args.only_refusals:
+            repo = full_copy(env, s3, workdir, "b%s-many" % run_id, many, 4096, args.concurrency, figures,
+                             "full_copy_%dx4KiB" % many)
+            full_copy(env, s3, workdir, "b%s-big" % run_id, 20, (20 << 20) // scale, args.concurrency, figures,
+                      "full_copy_20x%dMiB" % (20 // scale))
+            keys = ["%sd%02d/obj-%06d" % (PREFIX, i % 100, i) for i in range(many)]
+            no_change(env, repo, workdir, args.concurrency, figures)
+            one_percent(env, s3, repo, keys, args.concurrency, figures)
+            changes_mode(env, s3, repo, keys, args.concurrency, "changes_10_keys_in_%d" % many, figures)
+            small_short = "b%s-small" % run_id
+            s3.create_bucket(Bucket=small_short)
+            small_keys = fill_bucket(s3, small_short, many // 10, 4096)
+            small = Repository(env, small_short, workdir)
+            small.sync(args.concurrency)
+            changes_mode(env, s3, small, small_keys, args.concurrency, "changes_10_keys_in_%d" % (many // 10), figures)
+            rss_listing(env, s3, workdir, "b%s-rss" % run_id, args.rss_objects // scale, args.concurrency, figures)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if started:

@@ -371,7 +371,8 @@ def test_rabbitmq_restart_during_a_burst(stack, s3, daemons, unique_name):
     assert not standin.in_transaction(stack["CVMFS_STANDIN_ROOT"], fqrn)
 
 
-def test_malformed_and_hostile_messages_are_dead_lettered_while_serving(stack, s3, daemons, unique_name):
+def test_malformed_messages_are_dead_lettered_hostile_records_refused_alone_while_serving(stack, s3, daemons,
+                                                                                          unique_name):
     daemon = daemons().start()
     fqrn = provision(stack, s3, daemon, unique_name)
     publisher_queue = daemons.queues["publisher"]
@@ -389,16 +390,22 @@ def test_malformed_and_hostile_messages_are_dead_lettered_while_serving(stack, s
 
     s3.put_object(Bucket=unique_name, Key="cvmfs/still/serving.txt", Body=b"yes\n")
     wait_published(stack, s3, fqrn, unique_name)
-    daemon.wait_for(lambda e: e.get("event") == "dead_letter", "not all dead-lettered", count=6)
+    daemon.wait_for(lambda e: e.get("event") == "dead_letter", "not all dead-lettered", count=4)
     dead = drain_queue(stack, daemons.queues["dlq"])
     reasons = sorted(headers["x-cvmfs-publisher-reason"] for _body, headers in dead)
-    assert len(dead) == 6, reasons
+    assert len(dead) == 4, reasons
     for expected in ("4 comma-separated fields", "not valid JSON", "invalid repository name '../../etc.infn.it'",
-                     "'..' path segment", "unknown bucket 'nosuchbucket-", "not valid JSON"):
+                     "not UTF-8"):
         assert any(expected in reason for reason in reasons), (expected, reasons)
     origins = {headers["x-cvmfs-publisher-queue"] for _body, headers in dead}
     assert origins == {publisher_queue, unique_name}
-    assert any(e.get("event") == "ignored" and "outside the prefix" in e.get("message", "") for e in daemon.events())
+    # Records are judged one by one: the hostile key is refused (logged, counted), the unknown bucket ignored.
+    refused = [e for e in daemon.events() if e.get("event") == "object_refused"]
+    assert [(e["repository"], e["key"], e["category"]) for e in refused] == [(fqrn, "cvmfs/../../etc/passwd", "key")]
+    assert "'..' path segment" in refused[0]["reason"]
+    messages = [e.get("message", "") for e in daemon.events() if e.get("event") == "ignored"]
+    assert any("outside the prefix" in m for m in messages) and any("unknown bucket 'nosuchbucket-" in m
+                                                                    for m in messages)
 
 
 def test_two_daemons_never_sync_one_repository_at_once_and_one_takes_over(stack, s3, daemons, unique_name):
@@ -545,3 +552,35 @@ def test_single_active_consumer_check(stack, unique_name):
     finally:
         connection.close()
         broker.close()
+
+
+def test_a_hostile_tarball_is_refused_alone_and_the_run_succeeds(stack, s3, daemons, unique_name):
+    """The issue's case through the daemon: a tarball whose link chain leaves its folder, uploaded with good
+    objects. The good ones are published by a successful run; the refusal is logged, counted, in the status
+    file and `cvmfs-publisher status`, and in the uploader's report; nothing is retried or dead-lettered."""
+    daemon = daemons().start()
+    fqrn = provision(stack, s3, daemon, unique_name)
+    chain = io.BytesIO()
+    with tarfile.open(fileobj=chain, mode="w:gz") as tar:
+        for name, target in (("b", "."), ("c", "b/" * 8 + "../" * 7 + "etc/passwd")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    upload_many(s3, unique_name, {"cvmfs/evil.tgz": chain.getvalue(), "cvmfs/good.txt": b"good\n",
+                                  "cvmfs/ok.tgz": tarball({"bin/run": b"run\n"})})
+    refused = daemon.wait_for(lambda e: e.get("event") == "object_refused" and e.get("repository") == fqrn,
+                              "the hostile tarball was never reported as refused")
+    assert refused[0]["key"] == "cvmfs/evil.tgz" and refused[0]["category"] == "tarball"
+    assert "member 'c' is a symbolic link" in refused[0]["reason"] and "resolves outside" in refused[0]["reason"]
+    deadline = time.monotonic() + CONVERGE_TIMEOUT
+    expected = {"good.txt": hashlib.sha256(b"good\n").hexdigest(), "ok/bin/run": hashlib.sha256(b"run\n").hexdigest()}
+    while published_files(stack, fqrn) != expected and time.monotonic() < deadline:
+        time.sleep(1)
+    assert published_files(stack, fqrn) == expected
+    assert not daemon.runs(fqrn, event="run_failed") and not drain_queue(stack, daemons.queues["dlq"])
+    status = json.loads((daemon.folder / "state" / "status.json").read_text())
+    assert [r["key"] for r in status["repositories"][fqrn]["refusals"]] == ["cvmfs/evil.tgz"]
+    report = json.loads(s3.get_object(Bucket=unique_name, Key=".cvmfs-publisher/report.json")["Body"].read())
+    assert [r["key"] for r in report["refused"]] == ["cvmfs/evil.tgz"]
+    shown = subprocess.run([str(CLI), "-c", str(daemon.config_path), "status"], capture_output=True, text=True)
+    assert "cvmfs/evil.tgz: tarball refused, nothing of it published: member 'c'" in shown.stdout, shown.stdout
