@@ -394,8 +394,8 @@ def test_malformed_messages_are_dead_lettered_hostile_records_refused_alone_whil
     dead = drain_queue(stack, daemons.queues["dlq"])
     reasons = sorted(headers["x-cvmfs-publisher-reason"] for _body, headers in dead)
     assert len(dead) == 4, reasons
-    for expected in ("4 comma-separated fields", "not valid JSON", "invalid repository name '../../etc.infn.it'",
-                     "not UTF-8"):
+    for expected in ("4 comma-separated fields", "provisioning message is not valid JSON",
+                     "invalid repository name '../../etc.infn.it'", "event is not valid JSON"):
         assert any(expected in reason for reason in reasons), (expected, reasons)
     origins = {headers["x-cvmfs-publisher-queue"] for _body, headers in dead}
     assert origins == {publisher_queue, unique_name}
