@@ -70,3 +70,10 @@ def sns(stack):
 def unique_name():
     """A fresh short name valid as bucket, topic, queue and fqrn label: `t` + 8 hex digits."""
     return "t" + secrets.token_hex(4)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How many generated hostile inputs tests/unit/test_hostile_properties.py tried and how many were refused."""
+    counts = getattr(config, "hostile_input_counts", None)
+    if counts:
+        terminalreporter.write_line("hostile inputs: " + ", ".join("%s %d" % item for item in counts.items()))
