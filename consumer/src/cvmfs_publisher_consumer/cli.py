@@ -37,7 +37,8 @@ def cmd_run(config, _args) -> int:
 
 def cmd_status(config, args) -> int:
     from . import amqp
-    from .daemon import discover_repositories, queue_depths
+    from .daemon import queue_depths
+    from .repositories import discover_repositories
     status = StatusFile.read(config["state_dir"]) or {}
     known = status.get("repositories", {})
     provisioned = discover_repositories(config["repositories.config_dir"], config["repositories.include"])

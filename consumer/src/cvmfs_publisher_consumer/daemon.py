@@ -4,7 +4,6 @@ Threads: the main thread is the I/O thread (pika BlockingConnection, the schedul
 a pool of ``sync.max_parallel`` workers runs playbooks and hands results back through ``self._results``.
 Nothing but the I/O thread touches the broker or the scheduler, so neither needs a lock.
 """
-import fnmatch
 import logging
 import os
 import queue
@@ -22,8 +21,9 @@ from .batching import CHANGES, FULL, PROVISION, Batch, Pending, RetryPolicy, Sch
 from .config import Config, read_secret
 from .depths import DepthProbe
 from .logs import fields
-from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys, validate_fqrn
+from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys
 from .metrics import Metrics
+from .repositories import discover_repositories, included
 from .runner import PlaybookRunner, RunResult, secret_values
 from .status import StatusFile, read_status
 from .statuspage import render as render_status_page
@@ -35,35 +35,9 @@ PUBLISHER = "publisher"   # metrics label of the provisioning queue
 REPOSITORY = "repository"
 
 
-def discover_repositories(config_dir: str, include=("*",)) -> Dict[str, str]:
-    """short name -> fqrn of the repositories provisioned on this host (``repositories.d`` entries) that match
-    one of the ``include`` patterns."""
-    found = {}
-    try:
-        names = sorted(os.listdir(config_dir))
-    except FileNotFoundError:
-        return found  # no repository created on this host yet
-    except OSError as exc:
-        log.warning("cannot list repositories in %s: %s", config_dir, exc.strerror,
-                    extra=fields(event="discovery_failed"))
-        return found
-    for name in names:
-        if not os.path.isdir(os.path.join(config_dir, name)) or not _included(name, include):
-            continue
-        try:
-            found[short_name(validate_fqrn(name))] = name
-        except MessageError as exc:
-            log.warning("skipping %s: %s", name, exc, extra=fields(event="discovery_skipped"))
-    return found
-
-
 def known_secrets(config: Config):
     """Every secret the daemon can know of, to scrub from logs and kept runs: never logged themselves."""
     return [read_secret(config["amqp.password_file"])] + secret_values(config["ansible.extravars_files"])
-
-
-def _included(fqrn: str, include) -> bool:
-    return any(fnmatch.fnmatchcase(fqrn, pattern) for pattern in include)
 
 
 class Daemon:
@@ -419,7 +393,7 @@ class Daemon:
             self._acknowledge(batch, label)
             if batch.mode == PROVISION:
                 self.status.provisioned(batch.lane)
-                if self.broker.is_open and _included(batch.lane, self.config["repositories.include"]):
+                if self.broker.is_open and included(batch.lane, self.config["repositories.include"]):
                     self._subscribe(short_name(batch.lane), batch.lane)
             else:
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
