@@ -4,6 +4,9 @@ SHELL := /bin/bash
 ROOT := $(abspath .)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
+# ansible-rulebook (Event-Driven Ansible) lives in a venv of its own: its rule engine and async stack are not the
+# daemon's dependencies. The rulebook's playbooks still run with the project venv's ansible-playbook.
+EDA_VENV := $(ROOT)/.venv-eda
 # openjdk-17-jre-headless: ansible-rulebook's rule engine (Drools); chromium: the status page's browser test;
 # prometheus: promtool, which checks docs/monitoring/alerts.yml in `make lint`.
 APT_PACKAGES := ceph-mon ceph-osd radosgw ceph-common rabbitmq-server rclone openjdk-17-jre-headless chromium prometheus
@@ -17,7 +20,7 @@ PYTEST_ARGS ?=
 
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
-.PHONY: all install apt venv collection demo demo-down test test-unit test-integration stack-up stack-down lint clean distclean
+.PHONY: all install apt venv eda-venv collection demo demo-down test test-unit test-integration stack-up stack-down lint clean distclean
 
 all: install
 
@@ -40,6 +43,12 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt consumer/pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e consumer
 	@touch $@
 
+eda-venv: $(EDA_VENV)/.stamp
+$(EDA_VENV)/.stamp: requirements-eda.txt .build/apt.stamp
+	@test -x $(EDA_VENV)/bin/python || python3 -m venv $(EDA_VENV)
+	$(EDA_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-eda.txt
+	@touch $@
+
 collection: $(COLLECTION_LINK)
 $(COLLECTION_LINK):
 	@mkdir -p $(dir $@)
@@ -60,7 +69,7 @@ stack-down:
 # Every test: the quality gates (make lint), then unit, the stand-in's own tests, integration and end-to-end tests
 # and the molecule scenario against a fresh local stack. Every part runs; the exit status says whether any failed.
 STACK_ENV = DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE)
-test: install lint-install
+test: install lint-install eda-venv
 	@failed=""; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
 	$(STACK_ENV) devstack/stack down >/dev/null 2>&1 || true; \
@@ -134,4 +143,4 @@ clean:
 distclean: clean
 	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/stack down
 	-DEVSTACK_DIR=$(DEMO_STACK_DIR) devstack/stack down
-	rm -rf .venv .devstack
+	rm -rf .venv .venv-eda .devstack

@@ -7,6 +7,7 @@ Both pass `-e @$DEVSTACK_DIR/vars.yml` (written by `devstack/stack vars`), so ev
 points at the running stack, and modules can use them in their args as `"{{ cvmfs_publisher_vault_url }}"`.
 """
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -108,3 +109,14 @@ def run_module(module_fqcn, args, *, check=False, diff=False, verbosity=0):
             # The task never ran (unknown module, bad arguments, syntax error): report ansible's own words.
             return proc.returncode, {"failed": True, "msg": "module did not run:\n%s%s"
                                      % (proc.stdout[-3000:], proc.stderr[-3000:])}
+
+
+@functools.lru_cache(maxsize=None)
+def consumer_e2e():
+    """The daemon harness and stack helpers of tests/integration/test_consumer_e2e.py, for other test files and
+    the benchmarks (pytest imports test files by path, so they are not importable modules)."""
+    path = REPO_ROOT / "tests" / "integration" / "test_consumer_e2e.py"
+    spec = importlib.util.spec_from_file_location("consumer_e2e_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

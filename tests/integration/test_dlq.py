@@ -47,7 +47,7 @@ def setup(stack, tmp_path, unique_name):
     broker.close()
 
 
-def dead_letter(setup, queue, body, reason, attempts=5, at=None, headers=None):
+def dead_letter(setup, queue, body, reason, attempts=5, at=None, headers=None, cause=amqp.TRANSIENT):
     """Publish ``body`` to ``queue``, consume it with the daemon's Broker and dead-letter it as the daemon does."""
     channel = setup.broker._connection.channel()
     channel.confirm_delivery()
@@ -59,7 +59,7 @@ def dead_letter(setup, queue, body, reason, attempts=5, at=None, headers=None):
     while not got:
         assert time.monotonic() < deadline, "the message never arrived on %s" % queue
         setup.broker.process(0.1)
-    assert setup.broker.dead_letter(got[0], reason, attempts)
+    assert setup.broker.dead_letter(got[0], reason, attempts, cause)
     setup.broker.stop_consuming()
     setup.broker.process(0.1)
     if at is not None:   # age it: re-stamp the dead-lettered copy (only the time header differs)
@@ -110,7 +110,8 @@ def event(key):
 def fill(setup):
     q = setup.queues
     dead_letter(setup, q["alice"], event("cvmfs/a1"), "changes run failed 5 times; last error: Vault unreachable")
-    dead_letter(setup, q["alice"], event("cvmfs/a2"), "object key 'cvmfs/../x': '..' path segment", attempts=0)
+    dead_letter(setup, q["alice"], event("cvmfs/a2"), "object key 'cvmfs/../x': '..' path segment", attempts=0,
+                cause=amqp.MALFORMED)
     dead_letter(setup, q["bob"], event("cvmfs/b1"), "changes run failed 5 times; last error: disk full",
                 at=time.time() - 3 * 86400)
     dead_letter(setup, q["publisher"], "%sc,sub,%sc.infn.it,P" % (q["alice"], q["alice"]),
@@ -161,6 +162,7 @@ def test_replay_returns_messages_with_attempts_reset_and_history_kept(setup):
     assert amqp.attempts_of(properties) == 0
     [entry] = headers[dlq.HISTORY_HEADER]
     assert entry["reason"] == "changes run failed 5 times; last error: Vault unreachable"
+    assert entry["cause"] == amqp.TRANSIENT and amqp.CAUSE_HEADER not in headers
     assert entry["attempts"] == 5 and entry["queue"] == q["alice"] and entry["replayed_at"] >= entry["dead_lettered_at"]
 
     # Dead-lettered again and replayed again: the history grows, oldest first.

@@ -5,29 +5,18 @@ The DOM must name every repository the daemon consumes, with a publish time for 
 dead-letter queue's depth; the screenshot must be a real PNG of the page. ``STATUS_PAGE_SCREENSHOT=<path>`` keeps
 the screenshot (that is how docs/status-page.png is made).
 """
-import importlib.util
 import os
 import shutil
 import struct
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from helpers import consumer_e2e
 
-
-def _load_e2e():
-    """The daemon harness of test_consumer_e2e.py (pytest imports test files by path, not as importable modules)."""
-    path = Path(__file__).resolve().parent / "test_consumer_e2e.py"
-    spec = importlib.util.spec_from_file_location("consumer_e2e_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e()
+e2e = consumer_e2e()
 daemons = e2e.daemons   # the fixture: daemons with this test's own queues, checked for secrets when they stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

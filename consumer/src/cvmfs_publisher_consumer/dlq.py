@@ -64,6 +64,12 @@ class DeadLetter:
         return self._text(amqp.REASON_HEADER)
 
     @property
+    def cause(self) -> str:
+        """``malformed`` (can never succeed) or ``transient`` (its runs failed); the daemon removes transient ones
+        itself once a full sync of their repository succeeded."""
+        return self._text(amqp.CAUSE_HEADER)
+
+    @property
     def attempts(self) -> int:
         return amqp.attempts_of(self.properties)
 
@@ -87,7 +93,8 @@ class DeadLetter:
     def as_dict(self, publisher_queue: str) -> Dict:
         body = self.body.decode("utf-8", "replace")
         return {"position": self.position, "origin": self.origin, "repository": self.repository(publisher_queue),
-                "reason": self.reason, "attempts": self.attempts, "dead_lettered_at": self.dead_lettered_at,
+                "reason": self.reason, "cause": self.cause, "attempts": self.attempts,
+                "dead_lettered_at": self.dead_lettered_at,
                 "history": _plain(self.headers.get(HISTORY_HEADER, [])), "body": body}
 
 
@@ -134,11 +141,11 @@ class Filters:
 def replay_headers(message: DeadLetter, now: float) -> Dict:
     """The headers of the replayed copy: attempts reset, the dead-letter facts moved into the history."""
     headers = message.headers
-    entry = {"reason": message.reason, "queue": message.origin, "attempts": message.attempts,
+    entry = {"reason": message.reason, "cause": message.cause, "queue": message.origin, "attempts": message.attempts,
              "dead_lettered_at": int(message.dead_lettered_at or 0), "replayed_at": int(now)}
     history = list(headers.get(HISTORY_HEADER) or [])
     for name in (amqp.ATTEMPTS_HEADER, amqp.NOT_BEFORE_HEADER, amqp.REASON_HEADER, amqp.ORIGIN_HEADER,
-                 amqp.DEAD_LETTERED_AT_HEADER, REPLAYED_AT_HEADER):
+                 amqp.DEAD_LETTERED_AT_HEADER, amqp.CAUSE_HEADER, REPLAYED_AT_HEADER):
         headers.pop(name, None)
     headers[HISTORY_HEADER] = history + [entry]
     headers[REPLAYED_AT_HEADER] = int(now)
@@ -293,7 +300,7 @@ def _show(dlq, filters, args, _stdin, out) -> int:
     for m in messages:
         data = m.as_dict(dlq.publisher_queue)
         print("-- message %d" % m.position, file=out)
-        for key in ("origin", "repository", "reason", "attempts"):
+        for key in ("origin", "repository", "reason", "cause", "attempts"):
             print("%-11s %s" % (key + ":", data[key]), file=out)
         print("%-11s %s" % ("dead at:", _when(m.dead_lettered_at)), file=out)
         for index, entry in enumerate(data["history"], 1):
