@@ -8,8 +8,7 @@ on the rulebook's queue, already in the shape the daemon gives its playbooks::
                          "playbook": "provision_repository" | "sync_repository",
                          "extravars": {...the playbook's variables...}, "messages": 3}}
 
-so a rule runs ``run_playbook`` with ``extra_vars: "{{ event.cvmfs_publisher.extravars }}"``
-(extensions/eda/rulebooks/publish_repositories.yml).
+so a rule runs ``run_playbook`` with those ``extravars`` (extensions/eda/rulebooks/publish_repositories.yml).
 
 One parser: messages are read by the consumer daemon's own code (``cvmfs_publisher_consumer.messages``: the
 plain-text and JSON provisioning forms, both S3 event forms, the hostile-key checks), not a copy. The collection
