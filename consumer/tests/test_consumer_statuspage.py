@@ -36,8 +36,13 @@ def test_the_page_without_a_status_file_says_so():
     assert "no repository yet" in page and "not connected to RabbitMQ" in page
 
 
-def test_a_refusal_count_is_shown_too():
-    status = {"repositories": {"alice.infn.it": {"refusals": 3}}}
+def test_refusals_beyond_those_listed_are_counted():
+    listed = [{"key": "cvmfs/k%d" % i, "reason": "hostile", "category": "key"} for i in range(7)]
+    status = {"repositories": {"alice.infn.it": {"refusals": listed, "refusals_count": 12}}}
+    page = render(status, NOW).decode()
+    assert "<li>cvmfs/k4: hostile</li>" in page and "cvmfs/k5" not in page
+    assert "<li>… and 7 more</li>" in page
+    status = {"repositories": {"alice.infn.it": {"refusals": [], "refusals_count": 3}}}
     assert '<span class="warn">3</span>' in render(status, NOW).decode()
 
 

@@ -203,14 +203,13 @@ class DeadLetterQueue:
         return matched, outcome
 
     def select(self, filters: Filters, limit: int = 0) -> List[DeadLetter]:
-        matched, _ = self._session(lambda *_: False, filters, limit)
-        return matched
+        return self._session(lambda *_args: False, filters, limit)[0]
 
     def replay(self, filters: Filters, limit: int = 0) -> Outcome:
         def republish(channel, message: DeadLetter, outcome: Outcome) -> bool:
             if not message.origin:
-                outcome.failed.append("message %d: no %s header, origin unknown" % (message.position,
-                                                                                   amqp.ORIGIN_HEADER))
+                outcome.failed.append("message %d: no %s header, origin unknown"
+                                      % (message.position, amqp.ORIGIN_HEADER))
                 return False
             source = message.properties
             properties = pika.BasicProperties(content_type=source.content_type,
@@ -221,14 +220,14 @@ class DeadLetterQueue:
             try:
                 channel.basic_publish("", message.origin, message.body, properties, mandatory=True)
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-                outcome.failed.append("message %d: queue %r does not exist (any more)" % (message.position,
-                                                                                        message.origin))
+                outcome.failed.append("message %d: queue %r does not exist (any more)"
+                                      % (message.position, message.origin))
                 return False
             return True
         return self._session(republish, filters, limit)[1]
 
     def purge(self, filters: Filters, limit: int = 0) -> Outcome:
-        return self._session(lambda *_: True, filters, limit)[1]
+        return self._session(lambda *_args: True, filters, limit)[1]
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -48,14 +48,16 @@ def _depth(depths: Dict, queue: str) -> str:
 
 
 def _refusals(entry: Dict) -> str:
-    """Whatever the status file holds about refused objects: a list (of texts or {key, reason}) or a count."""
-    refusals = entry.get("refusals", entry.get("refused"))
-    if not refusals:
-        return '<span class="muted">none</span>'
-    if isinstance(refusals, (int, float)):
-        return '<span class="warn">%d</span>' % refusals
+    """The refused objects of the last sync run, as the daemon records them: ``refusals`` (a list of
+    {key, reason, ...}, possibly cut short) and ``refusals_count`` (how many there are in all)."""
+    refusals = entry.get("refusals") or []
     if isinstance(refusals, dict):
         refusals = [refusals]
+    count = entry.get("refusals_count", len(refusals))
+    if not count:
+        return '<span class="muted">none</span>'
+    if not refusals:
+        return '<span class="warn">%d</span>' % count
     items = []
     for refusal in list(refusals)[:MAX_REFUSALS_SHOWN]:
         if isinstance(refusal, dict):
@@ -63,7 +65,7 @@ def _refusals(entry: Dict) -> str:
         else:
             text = str(refusal)
         items.append("<li>%s</li>" % html.escape(text))
-    more = len(refusals) - MAX_REFUSALS_SHOWN
+    more = count - min(len(refusals), MAX_REFUSALS_SHOWN)
     if more > 0:
         items.append("<li>… and %d more</li>" % more)
     return '<ul class="warn">%s</ul>' % "".join(items)
