@@ -135,6 +135,7 @@ def test_an_upload_is_published_through_the_rulebook(stack, s3, rulebooks, uniqu
 
     e2e.publish(stack, unique_name, '{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": '
                 '{"name": "%s"}, "object": {"key": "cvmfs/../../etc/passwd"}}}]}' % unique_name)
+    e2e.publish(stack, unique_name, b"\x00not json")
     e2e.publish(stack, rulebooks.queues["publisher"], "not,a,request")
     deadline = time.monotonic() + 120
     dead = []
@@ -143,9 +144,10 @@ def test_an_upload_is_published_through_the_rulebook(stack, s3, rulebooks, uniqu
         time.sleep(0.5)
     reasons = sorted(headers["x-cvmfs-publisher-reason"] for _body, headers in dead)
     assert len(reasons) == 2, reasons
-    assert "'..' path segment" in reasons[0] and "4 comma-separated fields" in reasons[1], reasons
+    assert "event is not valid JSON" in reasons[0] and "4 comma-separated fields" in reasons[1], reasons
     assert {headers["x-cvmfs-publisher-queue"] for _b, headers in dead} == {unique_name,
                                                                             rulebooks.queues["publisher"]}
+    assert "object refused: cvmfs/../../etc/passwd: " in rulebook.log()   # one hostile key: refused, not a dead letter
 
 
 def lose_the_event(stack, queue):

@@ -17,13 +17,13 @@ the parser always come from the same collection version. (The consumer never imp
 dependency goes one way.) Only if that folder is missing does it use a ``cvmfs_publisher_consumer`` installed in
 the decision environment. It needs ``pika`` and ``PyYAML`` there.
 
-Delivery guarantee, plainly: EDA gives a source no playbook result, so a message is acked as soon as its event
-is on the rulebook's queue, before any playbook runs. A run that fails, or an ansible-rulebook that dies with
-events queued, loses those events. What makes this safe is the periodic full reconcile: every
-``full_reconcile_interval`` seconds (default 1 h; 0 disables) the source emits a ``full`` sync event for every
-repository it consumes, which publishes the bucket's state whatever events were lost. Malformed messages go to
-the dead-letter queue with the reason in headers, as the daemon does. Use the daemon where the stronger
-guarantee (ack after the run succeeded, retries with backoff) matters.
+Delivery guarantee, plainly: EDA gives a source no playbook result, so a message is acked as soon as its event is on
+the rulebook's queue, before any playbook runs. A run that fails, or an ansible-rulebook that dies with events
+queued, loses those events. What makes this safe is the periodic full reconcile: every ``full_reconcile_interval``
+seconds (default 1 h; 0 disables) the source emits a ``full`` sync event for every repository it consumes, which
+publishes the bucket's state whatever events were lost. Malformed messages go to the dead-letter queue with the
+reason in headers, and refused object keys are logged and skipped, as the daemon does. Use the daemon where the
+stronger guarantee (ack after the run succeeded, retries with backoff) matters.
 
 Arguments (connection settings mirror the daemon's ``amqp.*`` configuration keys), given one by one or all in
 one mapping ``settings``:
@@ -206,6 +206,8 @@ class QueueSource:
             return
         for reason in touches.ignored:
             log.info("event record ignored: %s", reason)
+        for key, reason in touches.refused:   # never published (hostile key): the rest of the message goes on
+            log.warning("object refused: %s: %s", key, reason)
         self._gather((fqrn, delivery, touches.keys))
 
     def _reject(self, delivery, reason):
