@@ -1,8 +1,10 @@
 """The daemon's decisions with a fake broker and a fake runner: what gets acked, retried, dead-lettered, run."""
 import json
 import logging
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pika
 import pika.exceptions
@@ -24,6 +26,12 @@ class FakeBroker:
         self.is_open = False
         self._tag = 0
         self.dead_letters = []      # (origin queue, cause) in the dead-letter queue
+        self.streams = {}           # stream name -> bodies appended (the registry)
+        self.released = []
+
+    def ensure_stream(self, queue):
+        self.streams.setdefault(queue, [])
+        self.queues.add(queue)
 
     def connect(self, declare_dead_letter=True):
         self.is_open = True
@@ -31,12 +39,25 @@ class FakeBroker:
     def ensure_queue(self, queue):
         self.queues.add(queue)
 
-    def consume(self, queue, prefetch, on_message):
+    def consume(self, queue, prefetch, on_message, arguments=None):
         if queue == "forbidden":
             raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
         if queue not in self.queues:
             return False
         self.callbacks[queue] = on_message
+        for offset, body in enumerate(self.streams.get(queue, [])):   # a stream is read from its first entry
+            self.deliver(queue, body, {"x-stream-offset": offset})
+        return True
+
+    def release(self, queue):
+        self.released.append(queue)
+        self.callbacks.pop(queue, None)
+
+    def forward(self, delivery, queue):
+        self.settled.append(("forward", delivery.queue, delivery.body, queue))
+        self.streams[queue].append(delivery.body)
+        if queue in self.callbacks:
+            self.deliver(queue, delivery.body, {"x-stream-offset": len(self.streams[queue]) - 1})
         return True
 
     def consuming(self, queue):
@@ -91,8 +112,10 @@ class FakeBroker:
     def close(self):
         self.is_open = False
 
-    def actions(self):
-        return [(action, queue) for action, queue, _body, _extra in self.settled]
+    def actions(self, registry=False):
+        """What was settled, without the acks of registry entries (which only let the stream go on) unless asked."""
+        return [(action, queue) for action, queue, _body, _extra in self.settled
+                if registry or queue != REGISTRY]
 
 
 class FakeRunner:
@@ -112,6 +135,9 @@ class FakeRunner:
         return RunResult(playbook=playbook_key, outcome=outcome, rc=0 if outcome == "successful" else 2,
                          duration=0.1, error="" if outcome == "successful" else "Publish: gateway said no",
                          refusals=self.refusals.pop(0) if getattr(self, "refusals", None) else None)
+
+
+REGISTRY = "cvmfs-publisher.registry"
 
 
 def event(key, bucket="alice", name="ObjectCreated:Put"):
@@ -159,8 +185,8 @@ def test_discovery_lists_valid_repositories(tmp_path):
     assert discover_repositories(str(tmp_path / "missing")) == {}
 
 
-def test_consumes_the_provisioning_queue_and_every_provisioned_repository(daemon):
-    assert set(daemon.broker.callbacks) == {"publisher", "alice", "bob"}
+def test_consumes_the_provisioning_queue_the_registry_and_every_provisioned_repository(daemon):
+    assert set(daemon.broker.callbacks) == {"publisher", REGISTRY, "alice", "bob"}
 
 
 def test_malformed_provisioning_message_is_dead_lettered_with_reason(daemon):
@@ -179,7 +205,8 @@ def test_provisioning_runs_the_playbook_then_consumes_the_new_queue(daemon):
     settle(daemon)
     assert daemon.runner.runs == [("provision_playbook", {"cvmfs_repository": "carol.infn.it",
                                                           "cvmfs_subject": "sub-c"})]
-    assert daemon.broker.actions() == [("ack", "publisher")]
+    assert daemon.broker.actions() == [("forward", "publisher")]
+    assert daemon.broker.streams[REGISTRY] == [b"carol,sub-c,carol.infn.it,P"]
     assert "carol" in daemon.broker.callbacks
     daemon.broker.deliver("carol", event("cvmfs/x", bucket="carol"))
     daemon._start_ready()
@@ -349,7 +376,7 @@ def test_a_queue_that_cannot_be_consumed_is_reported_and_skipped(daemon, caplog)
     daemon._subscribe("missing", "missing.infn.it")
     assert daemon._missing_queues == {"forbidden", "missing"}
     assert any("ACCESS_REFUSED" in record.getMessage() for record in caplog.records)
-    assert set(daemon.broker.callbacks) == {"publisher", "alice", "bob"}
+    assert set(daemon.broker.callbacks) == {"publisher", REGISTRY, "alice", "bob"}
 
 
 def test_queue_depths_reach_the_metrics_the_status_file_and_the_page(daemon):
@@ -395,3 +422,46 @@ def test_refusals_reported_by_the_sync_run_are_logged_counted_and_listed_in_the_
                                      {"repository": "alice.infn.it", "reason": "limit"}) is None
     entry = StatusFile.read(daemon.config["state_dir"])["repositories"]["alice.infn.it"]
     assert entry["refusals"] == [old, bad] and entry["refusals_count"] == 2
+
+
+# -- many hosts: the registry ----------------------------------------------------------------------------------
+
+def test_the_registry_is_replayed_on_connect_and_only_what_is_missing_here_runs(daemon):
+    carol = b'{"version": 1, "repository": "carol.infn.it", "kind": "personal", "subject": "sub-c"}'
+    daemon.broker.queues.add("carol")
+    daemon.broker.streams[REGISTRY] += [carol, b"dave,sub-d,dave.infn.it,P", b"x,y,z.example.org,P", carol]
+    daemon.broker.callbacks.clear()
+    daemon._connect()                               # what a host joining later (or reconnecting) does
+    daemon._start_ready()
+    settle(daemon, runs=2)
+    ran = sorted(extravars["cvmfs_repository"] for _playbook, extravars in daemon.runner.runs)
+    assert ran == ["carol.infn.it", "dave.infn.it"]  # once each; the invalid entry is skipped
+    assert "carol" in daemon.broker.callbacks
+    assert daemon.broker.actions(registry=True).count(("ack", REGISTRY)) == 4
+    config_dir = Path(daemon.config["repositories.config_dir"])
+    for fqrn in ("carol.infn.it", "dave.infn.it"):  # what the playbook would have created
+        (config_dir / fqrn).mkdir()
+    daemon.broker.callbacks.clear()
+    daemon._connect()
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 2             # applied and present: nothing runs again
+    shutil.rmtree(config_dir / "dave.infn.it")
+    daemon.broker.callbacks.clear()
+    daemon._connect()
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1][1]["cvmfs_repository"] == "dave.infn.it"   # lost here: provisioned again
+    assert json.loads((Path(daemon.config["state_dir"]) / "registry.json").read_text())["applied"].keys() == {
+        "carol.infn.it", "dave.infn.it"}
+
+
+def test_a_failed_provisioning_is_retried_here_and_never_dead_lettered(daemon):
+    daemon.runner.outcomes = ["failed", "failed"]
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    for _ in range(3):
+        daemon._start_ready()
+        settle(daemon)
+        daemon.clock_value[0] += 3600               # past any backoff
+    assert len(daemon.runner.runs) == 3
+    assert daemon.broker.actions() == [("forward", "publisher")]
+    assert "carol.infn.it" in daemon.registry.applied

@@ -9,7 +9,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import pika
 import pika.exceptions
@@ -24,6 +24,10 @@ TRANSIENT = "transient"   # its runs kept failing: a full sync of the repository
 MALFORMED = "malformed"   # can never succeed: stays for an operator
 SWEEP_LIMIT = 10000       # dead letters looked at per sweep; the rest wait for the next one
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
+STREAM_ARGUMENTS = {"x-queue-type": "stream"}
+# Every consumer this daemon starts is tagged "cvmfs-publisher@<host id>#<n>", so the broker's consumer list
+# (management API) says which publisher host consumes, and is active on, which queue (see spread.py).
+CONSUMER_TAG_PREFIX = "cvmfs-publisher@"
 PERSISTENT = pika.DeliveryMode.Persistent
 
 log = logging.getLogger("cvmfs_publisher.amqp")
@@ -47,6 +51,27 @@ def connection_parameters(settings: Dict, password: str) -> pika.ConnectionParam
         heartbeat=settings["heartbeat"], blocked_connection_timeout=max(60, 2 * settings["heartbeat"]),
         socket_timeout=settings["connection_timeout"], stack_timeout=settings["connection_timeout"] * 3,
         connection_attempts=1, ssl_options=ssl_options, client_properties={"connection_name": "cvmfs-publisher"})
+
+
+def connection_candidates(settings: Dict, password: str) -> List[pika.ConnectionParameters]:
+    """``amqp.host:amqp.port`` first, then each ``amqp.fallback_hosts`` entry (``host:port``, other nodes of a
+    RabbitMQ cluster): pika tries them in turn on every (re)connect."""
+    candidates = [connection_parameters(settings, password)]
+    for entry in settings.get("fallback_hosts") or []:
+        host, _, port = entry.rpartition(":")
+        candidates.append(connection_parameters(dict(settings, host=host, port=int(port)), password))
+    return candidates
+
+
+def consumer_tag(host_id: str, serial: int) -> str:
+    return "%s%s#%d" % (CONSUMER_TAG_PREFIX, host_id, serial)
+
+
+def host_of_tag(tag: str) -> Optional[str]:
+    """The publisher host id in a consumer tag made by ``consumer_tag``; None for anyone else's consumer."""
+    if not isinstance(tag, str) or not tag.startswith(CONSUMER_TAG_PREFIX) or "#" not in tag:
+        return None
+    return tag[len(CONSUMER_TAG_PREFIX):].rpartition("#")[0] or None
 
 
 def header(properties, name, default=None):
@@ -81,11 +106,13 @@ class Delivery:
 class Broker:
     """One connection and its consumers. Not thread-safe: call it from the I/O thread only."""
 
-    def __init__(self, parameters: pika.ConnectionParameters, dead_letter_queue: str):
-        self._parameters = parameters
+    def __init__(self, parameters, dead_letter_queue: str, host_id: str = ""):
+        self._parameters = parameters   # one pika.ConnectionParameters, or a list tried in turn
         self.dead_letter_queue = dead_letter_queue
+        self.host_id = host_id or "unnamed"
         self._connection: Optional[pika.BlockingConnection] = None
         self._consumers: Dict[str, object] = {}   # queue -> channel
+        self._serial = 0
         self.generation = 0
 
     # -- connection ---------------------------------------------------------------------------------------
@@ -155,8 +182,10 @@ class Broker:
         channel.close()
         return None
 
-    def consume(self, queue: str, prefetch: int, on_message: Callable[[Delivery], None]) -> bool:
-        """Start consuming ``queue`` on its own channel; False if the queue does not exist."""
+    def consume(self, queue: str, prefetch: int, on_message: Callable[[Delivery], None],
+                arguments: Optional[Dict] = None) -> bool:
+        """Start consuming ``queue`` on its own channel; False if the queue does not exist. The consumer tag
+        names this host (``consumer_tag``); ``arguments`` go with basic.consume (e.g. a stream offset)."""
         if self.consuming(queue):
             return True
         if self.queue_exists(queue) is None:
@@ -169,9 +198,21 @@ class Broker:
         def deliver(ch, method, properties, body):
             on_message(Delivery(queue, method.delivery_tag, body, properties, ch, generation))
 
-        channel.basic_consume(queue, deliver, auto_ack=False)
+        self._serial += 1
+        channel.basic_consume(queue, deliver, auto_ack=False, arguments=arguments,
+                              consumer_tag=consumer_tag(self.host_id, self._serial))
         self._consumers[queue] = channel
         return True
+
+    def release(self, queue: str):
+        """Leave ``queue``: close its channel, so the broker hands its single-active-consumer position to the
+        next waiting consumer and takes back whatever this one had not settled."""
+        channel = self._consumers.pop(queue, None)
+        if channel is not None and channel.is_open:
+            try:
+                channel.close()
+            except pika.exceptions.AMQPChannelError:
+                pass
 
     def consuming(self, queue: str) -> bool:
         """True while the queue's channel is open and its consumer was not cancelled (e.g. queue deleted)."""
@@ -184,6 +225,19 @@ class Broker:
         channel = self._connection.channel()
         try:
             channel.queue_declare(queue, durable=True, arguments=dict(QUEUE_ARGUMENTS))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 406:
+                return str(exc.reply_text)
+            raise
+        channel.close()
+        return None
+
+    def ensure_stream(self, queue: str) -> Optional[str]:
+        """Declare a durable stream (an append-only log every consumer can read from the start); a problem
+        text if ``queue`` exists as something else."""
+        channel = self._connection.channel()
+        try:
+            channel.queue_declare(queue, durable=True, arguments=dict(STREAM_ARGUMENTS))
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 406:
                 return str(exc.reply_text)
@@ -246,6 +300,13 @@ class Broker:
         except pika.exceptions.AMQPChannelError:
             return False
         return True
+
+    def forward(self, delivery: Delivery, queue: str) -> bool:
+        """Append a copy of the message to ``queue`` (confirmed by the broker), then ack the original; put the
+        original back if the copy was refused."""
+        if self._publish_copy(delivery, queue, {ORIGIN_HEADER: delivery.queue}):
+            return self.ack(delivery)
+        return self.requeue(delivery)
 
     def retry_later(self, delivery: Delivery, attempts: int, not_before: float) -> bool:
         """Put a copy carrying the attempt count back on the queue, then ack the original."""

@@ -7,6 +7,7 @@ Environment overrides (for containers): ``CVMFS_PUBLISHER__<SECTION>__<KEY>=valu
 the value is parsed as a YAML scalar (``5672`` is a number, ``false`` a boolean, ``[a, b]`` a list).
 """
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -68,8 +69,11 @@ FIELDS: Dict[str, Field] = {
     "amqp.connection_timeout": Field(float, 10.0, _positive),
     "amqp.reconnect_initial_delay": Field(float, 1.0, _positive),
     "amqp.reconnect_max_delay": Field(float, 60.0, _positive),
+    "amqp.fallback_hosts": Field(list, [], doc="other nodes of the RabbitMQ cluster as host:port, tried in turn"),
     "queues.publisher": Field(str, "publisher", _queue_name),
     "queues.dead_letter": Field(str, "cvmfs-publisher.dlq", _queue_name),
+    "queues.registry": Field(str, "cvmfs-publisher.registry", _queue_name,
+                             doc="stream of every accepted provisioning request, replayed by every host"),
     "queues.publisher_prefetch": Field(int, 10, _positive),
     "queues.sync_prefetch": Field(int, 1000, _positive),
     "repositories.config_dir": Field(str, "/etc/cvmfs/repositories.d"),
@@ -97,6 +101,11 @@ FIELDS: Dict[str, Field] = {
     "ansible.verbosity": Field(int, 0, _not_negative),
     "state_dir": Field(str, "/var/lib/cvmfs-publisher"),
     "shutdown_grace": Field(float, 30.0, _not_negative),
+    "cluster.host_id": Field(str, "", doc="this publisher host's name among the others (default: host name)"),
+    "cluster.management_urls": Field(list, [], doc="RabbitMQ management API base URLs (any cluster node); "
+                                     "needed to spread the repositories over the hosts"),
+    "cluster.spread_interval": Field(float, 10.0, _not_negative, doc="seconds between two looks at who is "
+                                     "active for what (0: never give up a repository)"),
     "metrics.address": Field(str, "127.0.0.1"),
     "metrics.port": Field(int, 9417, _port, doc="0 disables the metrics and health endpoint"),
     "log.level": Field(str, "INFO", _log_level),
@@ -186,6 +195,19 @@ def _check_relations(values):
         raise ConfigError("sync.retry_max_delay: must be at least sync.retry_initial_delay")
     if values["queues.dead_letter"] == values["queues.publisher"]:
         raise ConfigError("queues.dead_letter: must differ from queues.publisher")
+    if values["queues.registry"] in (values["queues.publisher"], values["queues.dead_letter"]):
+        raise ConfigError("queues.registry: must differ from queues.publisher and queues.dead_letter")
+    for index, entry in enumerate(values["amqp.fallback_hosts"]):
+        host, _, port = str(entry).rpartition(":")
+        if not isinstance(entry, str) or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError("amqp.fallback_hosts[%d]: expected host:port, got %r" % (index, entry))
+    for index, url in enumerate(values["cluster.management_urls"]):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError("cluster.management_urls[%d]: expected an http(s) URL such as "
+                              "https://rabbit1:15671, got %r" % (index, url))
+    if not re.match(r"^[A-Za-z0-9_.@-]{0,64}$", values["cluster.host_id"]):
+        raise ConfigError("cluster.host_id: up to 64 letters, digits, '_', '.', '@' or '-' (got %r)"
+                          % values["cluster.host_id"])
     if not os.path.isdir(values["ansible.project_dir"]):
         raise ConfigError("ansible.project_dir: %r is not a directory" % values["ansible.project_dir"])
     for key in ("ansible.provision_playbook", "ansible.sync_playbook"):

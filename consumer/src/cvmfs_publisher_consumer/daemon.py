@@ -16,13 +16,14 @@ from typing import Dict, Optional, Set
 
 import pika.exceptions
 
-from . import amqp, guard
+from . import amqp, guard, spread
 from .batching import CHANGES, FULL, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
 from .depths import DepthProbe
 from .logs import fields
 from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys
 from .metrics import Metrics
+from .registry import Registry, RegistryRef
 from .repositories import discover_repositories, included
 from .runner import PlaybookRunner, RunResult, secret_values
 from .status import StatusFile, read_status
@@ -31,6 +32,7 @@ from .statuspage import render as render_status_page
 log = logging.getLogger("cvmfs_publisher")
 
 LOOP_SECONDS = 0.1        # longest wait before a finished run is settled (the workers also wake the loop)
+REGISTRY_PREFETCH = 100   # registry entries in flight while replaying the stream
 PUBLISHER = "publisher"   # metrics label of the provisioning queue
 REPOSITORY = "repository"
 
@@ -48,8 +50,16 @@ class Daemon:
         state_dir = config["state_dir"]
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         password = read_secret(config["amqp.password_file"])
-        self.broker = broker or amqp.Broker(amqp.connection_parameters(config.section("amqp"), password),
-                                            config["queues.dead_letter"])
+        self.host_id = config["cluster.host_id"] or socket.gethostname()
+        self.broker = broker or amqp.Broker(amqp.connection_candidates(config.section("amqp"), password),
+                                            config["queues.dead_letter"], host_id=self.host_id)
+        self.registry = Registry(state_dir, config["repositories.config_dir"])
+        self.management = None
+        if config["cluster.management_urls"] and config["cluster.spread_interval"]:
+            self.management = spread.ManagementApi(config["cluster.management_urls"], config["amqp.vhost"],
+                                                   config["amqp.user"], password, config["amqp.ca_cert"])
+        self.placement: Dict = {}   # spread.summary of the last look: active, standby, hosts
+        self._next_spread = 0.0
         self.runner = runner or PlaybookRunner(config.section("ansible"), state_dir, secrets=known_secrets(config))
         self.metrics = metrics or Metrics()
         self.status = StatusFile(state_dir, clock=clock)
@@ -122,7 +132,17 @@ class Daemon:
                         extra=fields(event="queue_arguments", queue=self.config["queues.publisher"]))
         self.broker.consume(self.config["queues.publisher"], self.config["queues.publisher_prefetch"],
                             self._on_provision_message)
+        registry = self.config["queues.registry"]
+        problem = self.broker.ensure_stream(registry)
+        if problem:
+            log.error("the registry %s is not a stream: %s", registry, problem,
+                      extra=fields(event="registry_unusable", queue=registry))
+        else:
+            # Read from the first entry on every connection: whatever this host missed is applied now.
+            self.broker.consume(registry, REGISTRY_PREFETCH, self._on_registry_entry,
+                                arguments={"x-stream-offset": "first"})
         self._next_rescan = 0.0
+        self._next_spread = time.monotonic() + self.config["cluster.spread_interval"]
         self._rescan()
         self._find_dead_letters()
         self._save_status()
@@ -149,8 +169,10 @@ class Daemon:
                         detail, extra=fields(event="connect_failed", error_type=type(exc).__name__))
         self.broker.close()
         # Unsettled messages come back from the broker on the next connection; running batches go on, and
-        # their messages will simply be redelivered (a sync run is idempotent).
-        self.scheduler.drain()
+        # their messages will simply be redelivered (a sync run is idempotent). Registry entries come back with
+        # the replay of the registry.
+        self._drop_registry_entries(self.scheduler.drain())
+        self.placement = {}
         self._save_status()
 
     def _wait(self, seconds: float):
@@ -168,6 +190,7 @@ class Daemon:
             self._start_ready()
             self._rescan()
             self._probe_depths()
+            self._spread()
 
     def _shutdown(self):
         """Stop consuming, let running runs finish for ``shutdown_grace`` seconds, then cancel them; every
@@ -175,7 +198,7 @@ class Daemon:
         try:
             if self.broker.is_open:
                 self.broker.stop_consuming()
-                for message in self.scheduler.drain():
+                for message in self._drop_registry_entries(self.scheduler.drain()):
                     self.broker.requeue(message.ref)
         except amqp.CONNECTION_ERRORS as exc:
             self._disconnected(exc)
@@ -218,6 +241,37 @@ class Daemon:
         for short, fqrn in found.items():
             self._subscribe(short, fqrn)
         self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
+
+    def _spread(self):
+        """Every ``cluster.spread_interval``: look at who is active for what, give up the positions above this
+        host's fair share (spread.py)."""
+        now = time.monotonic()
+        if self.management is None or now < self._next_spread:
+            return
+        self._next_spread = now + self.config["cluster.spread_interval"]
+        queues = [short for short in self.repositories if self.broker.consuming(short)]
+        try:
+            view = self.management.view()
+        except OSError as exc:
+            log.warning("cannot read who is active for what from the management API: %s", exc,
+                        extra=fields(event="spread_view_failed", error_type=type(exc).__name__))
+            return
+        for short in spread.to_give_up(view, self.host_id, queues, self._idle):
+            fqrn = self.repositories[short]
+            log.info("giving up the active position on %s (above this host's fair share)", short,
+                     extra=fields(event="gave_up", repository=fqrn, queue=short))
+            self.broker.release(short)
+            self.metrics.given_up.inc()
+            self._subscribe(short, fqrn)   # again, at the back of the line: a standby
+            view.active.pop(short, None)
+            view.standby.setdefault(short, set()).add(self.host_id)
+        self.placement = spread.summary(view, self.host_id, queues)
+        self.metrics.set_placement(self.placement, self.repositories)
+        self._save_status()
+
+    def _idle(self, short: str) -> bool:
+        fqrn = self.repositories.get(short)
+        return self.scheduler.waiting(fqrn) == 0 and all(batch.lane != fqrn for batch in self.scheduler.running)
 
     def _subscribe(self, short: str, fqrn: str):
         if short not in self.repositories:
@@ -267,7 +321,39 @@ class Daemon:
         log.info("provisioning request for %s", request.repository,
                  extra=fields(event="provision_request", repository=request.repository, form=request.form,
                               kind="personal" if request.subject else "group"))
-        self.scheduler.add(request.repository, self._pending(delivery, PROVISION, request=request))
+        # Every host applies it: it goes to the registry, which every host reads (registry.py).
+        if self.broker.forward(delivery, self.config["queues.registry"]):
+            self.metrics.acked.labels(PUBLISHER).inc()
+            log.info("provisioning request for %s added to the registry", request.repository,
+                     extra=fields(event="provision_registered", repository=request.repository))
+
+    def _on_registry_entry(self, delivery: amqp.Delivery):
+        """An entry of the registry: provision it here unless that was done already."""
+        self.broker.ack(delivery)   # a stream keeps its entries; the ack only lets the next ones come
+        try:
+            request = parse_provision(delivery.body, self.config["repositories.domain"])
+        except MessageError as exc:  # checked before it was added: another domain, or added by hand
+            log.warning("skipping registry entry: %s", exc, extra=fields(event="registry_entry_skipped"))
+            return
+        if not included(request.repository, self.config["repositories.include"]):
+            return
+        if not self.registry.wanted(request):
+            return
+        self.registry.queued(request)
+        offset = amqp.header(delivery.properties, "x-stream-offset", 0)
+        log.info("provisioning %s from the registry", request.repository,
+                 extra=fields(event="registry_entry", repository=request.repository, offset=offset))
+        self.scheduler.add(request.repository, Pending(ref=RegistryRef(offset), kind=PROVISION, request=request))
+
+    def _drop_registry_entries(self, messages):
+        """Forget waiting registry entries (the next replay queues them again); the AMQP messages remain."""
+        kept = []
+        for message in messages:
+            if isinstance(message.ref, RegistryRef):
+                self.registry.finished(message.request, succeeded=False)
+            else:
+                kept.append(message)
+        return kept
 
     def _on_sync_message(self, fqrn: str, delivery: amqp.Delivery):
         self.metrics.received.labels(REPOSITORY).inc()
@@ -390,12 +476,13 @@ class Daemon:
                           keys=len(batch.keys), duration=round(result.duration, 3))
         if result.ok:
             log.info("run succeeded: %s %s", batch.mode, batch.lane, extra=fields(event="run_succeeded", **log_fields))
-            self._acknowledge(batch, label)
             if batch.mode == PROVISION:
+                self.registry.finished(batch.request, succeeded=True)
                 self.status.provisioned(batch.lane)
                 if self.broker.is_open and included(batch.lane, self.config["repositories.include"]):
                     self._subscribe(short_name(batch.lane), batch.lane)
             else:
+                self._acknowledge(batch, label)
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
                 self.metrics.last_publish.labels(batch.lane).set(now)
                 self._record_refusals(batch.lane, result.refusals)
@@ -404,13 +491,16 @@ class Daemon:
         elif self._cancel_runs and result.outcome == "canceled":
             log.warning("run interrupted by the shutdown: %s %s; its messages go back to the queue", batch.mode,
                         batch.lane, extra=fields(event="run_interrupted", **log_fields))
-            for message in batch.messages:
+            for message in self._drop_registry_entries(batch.messages):
                 self.broker.requeue(message.ref)
         else:
             log.error("run failed: %s %s: %s", batch.mode, batch.lane, result.error,
                       extra=fields(event="run_failed", error=result.error, kept=result.kept, **log_fields))
             self.status.failed(batch.lane, result.error)
-            self._retry_or_dead_letter(batch, result, label, now)
+            if batch.mode == PROVISION:
+                self._retry_provision(batch, result, now)
+            else:
+                self._retry_or_dead_letter(batch, result, label, now)
         self._save_status()
 
     def _acknowledge(self, batch: Batch, label: str):
@@ -468,13 +558,32 @@ class Daemon:
         """The page at ``/`` (HTTP thread): rendered from the status file, never from live daemon state."""
         return render_status_page(read_status(self.config["state_dir"]), self.clock())
 
+    def _retry_provision(self, batch: Batch, result: RunResult, now: float):
+        """A registry entry that failed here is retried here (the registry is shared: nothing goes back to it);
+        after ``sync.max_attempts`` it waits for the next replay (next connection or daemon start)."""
+        for message in batch.messages:
+            decision = self.retry.after_failure(message, now)
+            if decision.action == "retry":
+                message.attempts, message.not_before = decision.attempts, decision.not_before
+                self.scheduler.add(batch.lane, message)
+                self.metrics.retried.labels(PUBLISHER).inc()
+            else:
+                self.registry.finished(message.request, succeeded=False)
+                log.error("giving up provisioning %s after %d failed runs until the registry is read again: %s",
+                          batch.lane, decision.attempts, result.error,
+                          extra=fields(event="provision_given_up", repository=batch.lane, error=result.error))
+
     def _save_status(self):
+        by_queue = self.repositories
         try:
             self.status.save(connected=self.broker.is_open, consuming=sorted(self.repositories.values()),
                              missing_queues=sorted(self._missing_queues), runs_in_progress=self._in_flight,
-                             host=socket.gethostname(), queue_depths=self.depths.depths,
+                             host=self.host_id, queue_depths=self.depths.depths,
                              queues={"publisher": self.config["queues.publisher"],
-                                     "dead_letter": self.config["queues.dead_letter"]})
+                                     "dead_letter": self.config["queues.dead_letter"]},
+                             active=[by_queue.get(q, q) for q in self.placement.get("active", [])],
+                             standby=[by_queue.get(q, q) for q in self.placement.get("standby", [])],
+                             hosts=self.placement.get("hosts", {}))
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc.strerror, extra=fields(event="status_failed"))
 

@@ -54,12 +54,30 @@ class Metrics:
                                           "dead-letter queue", registry=r)
         self.provisioning_messages = Gauge("cvmfs_publisher_provisioning_queue_messages", "Messages ready in the "
                                            "provisioning queue", registry=r)
+        self.active = Gauge("cvmfs_publisher_repository_active", "1 where this host is the active consumer (the "
+                            "one writer) of the repository's queue, 0 where it waits as a standby", ["repository"],
+                            registry=r)
+        self.hosts = Gauge("cvmfs_publisher_hosts_active_repositories", "Repositories each live publisher host "
+                           "is active for, as this host last saw it", ["host"], registry=r)
+        self.given_up = Counter("cvmfs_publisher_positions_given_up", "Active positions this host gave up to "
+                                "another host to even out the spread", registry=r)
         self._alive = 0.0
         self.is_connected = False
 
     def set_connected(self, connected: bool):
         self.is_connected = connected
         self.connected.set(1 if connected else 0)
+
+    def set_placement(self, placement, repositories):
+        """``placement`` is spread.summary(); ``repositories`` maps queue (short name) to fqrn."""
+        self.active.clear()
+        for queue in placement["active"]:
+            self.active.labels(repositories.get(queue, queue)).set(1)
+        for queue in placement["standby"]:
+            self.active.labels(repositories.get(queue, queue)).set(0)
+        self.hosts.clear()
+        for host, count in placement["hosts"].items():
+            self.hosts.labels(host).set(count)
 
     def tick(self):
         self._alive = time.monotonic()
