@@ -41,3 +41,11 @@ def test_plain_connection_and_headers():
     garbage = pika.BasicProperties(headers={amqp.ATTEMPTS_HEADER: "x", amqp.NOT_BEFORE_HEADER: b"y"})
     assert (amqp.attempts_of(garbage), amqp.not_before_of(garbage)) == (0, 0.0)
     assert (amqp.attempts_of(None), amqp.not_before_of(pika.BasicProperties())) == (0, 0.0)
+
+
+def test_fallback_nodes_are_tried_after_the_first_host():
+    candidates = amqp.connection_candidates(dict(SETTINGS, tls=False, fallback_hosts=["rabbit2:5672",
+                                                                                      "10.0.0.3:5673"]), "pw")
+    assert [(p.host, p.port) for p in candidates] == [("rabbit.example.org", 5671), ("rabbit2", 5672),
+                                                       ("10.0.0.3", 5673)]
+    assert len(amqp.connection_candidates(dict(SETTINGS, tls=False), "pw")) == 1

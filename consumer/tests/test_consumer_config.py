@@ -56,6 +56,10 @@ def test_config_path_from_environment(project):
     ({"log.level": "LOUD"}, "log.level: must be DEBUG"),
     ({"repositories.prefix": "cvmfs"}, "repositories.prefix: must end with '/'"),
     ({"queues.dead_letter": "publisher"}, "queues.dead_letter: must differ"),
+    ({"queues.registry": "publisher"}, "queues.registry: must differ"),
+    ({"amqp.fallback_hosts": ["rabbit2"]}, r"amqp.fallback_hosts\[0\]: expected host:port, got 'rabbit2'"),
+    ({"cluster.management_urls": ["rabbit1:15671"]}, r"cluster.management_urls\[0\]: expected an http\(s\) URL"),
+    ({"cluster.host_id": "pub 1"}, "cluster.host_id: up to 128 letters"),
 ])
 def test_errors_name_the_key(project, changes, message):
     path = write_config(project, **changes)

@@ -37,6 +37,9 @@ e2e = _load_sibling("test_consumer_e2e")
 pytestmark = pytest.mark.slow
 REPOSITORIES = 10
 SPREAD_INTERVAL = 2
+# A host killed inside a transaction leaves its gateway lease behind: the gateway's max_lease_time (the stand-in's
+# CVMFS_STANDIN_LEASE_SECONDS) bounds how long the repository's new writer retries (lease busy) before it can publish.
+LEASE_SECONDS = 20
 WAIT = 300   # generous bound of every wait; the figures printed are what the run actually took
 
 
@@ -49,11 +52,12 @@ class Host:
         self.root = home / "root"
         self.root.mkdir(parents=True)
         wrapper = home / "cvmfs_server"
-        wrapper.write_text("#!/bin/sh\n# stand-in cvmfs_server of publisher host %s (test)\n"
-                           "export CVMFS_STANDIN_ROOT='%s' CVMFS_STANDIN_GATEWAY_DIR='%s'\n"
-                           "export CVMFS_STANDIN_PUBLISHER='%s'\n"
-                           "exec '%s' '%s' \"$@\"\n" % (name, self.root, gateway_dir, name, sys.executable,
-                                                      REPO_ROOT / "devstack" / "cvmfs_server"))
+        wrapper.write_text(
+            "#!/bin/sh\n# stand-in cvmfs_server of publisher host %s (test)\n"
+            "export CVMFS_STANDIN_ROOT='%s' CVMFS_STANDIN_GATEWAY_DIR='%s'\n"
+            "export CVMFS_STANDIN_PUBLISHER='%s' CVMFS_STANDIN_LEASE_SECONDS=%d\n"
+            "exec '%s' '%s' \"$@\"\n" % (name, self.root, gateway_dir, name, LEASE_SECONDS, sys.executable,
+                                       REPO_ROOT / "devstack" / "cvmfs_server"))
         wrapper.chmod(0o755)
         host_vars = home / "host-vars.yml"
         host_vars.write_text(yaml.safe_dump(dict({"cvmfs_publisher_cvmfs_root": str(self.root),
@@ -65,7 +69,7 @@ class Host:
             ansible__extravars_files=[stack_vars_file(), str(host_vars)],
             repositories__config_dir=str(self.root / "etc/cvmfs/repositories.d"),
             queues__registry=registry, cluster__host_id=name, cluster__spread_interval=SPREAD_INTERVAL,
-            amqp__heartbeat=5, **settings)
+            amqp__heartbeat=5, sync__max_attempts=20, sync__retry_max_delay=5, **settings)
 
     def provisioned(self):
         """The repositories whose provisioning run succeeded on this host (the bucket notifies from then on)."""

@@ -205,8 +205,8 @@ def _check_relations(values):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError("cluster.management_urls[%d]: expected an http(s) URL such as "
                               "https://rabbit1:15671, got %r" % (index, url))
-    if not re.match(r"^[A-Za-z0-9_.@-]{0,64}$", values["cluster.host_id"]):
-        raise ConfigError("cluster.host_id: up to 64 letters, digits, '_', '.', '@' or '-' (got %r)"
+    if not re.match(r"^[A-Za-z0-9_.@:-]{0,128}$", values["cluster.host_id"]):
+        raise ConfigError("cluster.host_id: up to 128 letters, digits, '_', '.', '@', ':' or '-' (got %r)"
                           % values["cluster.host_id"])
     if not os.path.isdir(values["ansible.project_dir"]):
         raise ConfigError("ansible.project_dir: %r is not a directory" % values["ansible.project_dir"])
