@@ -141,6 +141,7 @@ clean:
 	rm -rf .build tests/output .pytest_cache
 
 distclean: clean
+	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/cluster down
 	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/stack down
 	-DEVSTACK_DIR=$(DEMO_STACK_DIR) devstack/stack down
 	rm -rf .venv .venv-eda .devstack
