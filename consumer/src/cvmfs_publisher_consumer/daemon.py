@@ -267,6 +267,8 @@ class Daemon:
             view.standby.setdefault(short, set()).add(self.host_id)
         self.placement = spread.summary(view, self.host_id, queues)
         self.metrics.set_placement(self.placement, self.repositories)
+        for short in queues:   # the status page's "active on" column
+            self.status.repository(self.repositories[short])["active_host"] = view.active.get(short, "")
         self._save_status()
 
     def _idle(self, short: str) -> bool:
