@@ -462,6 +462,41 @@ def test_a_failed_provisioning_is_retried_here_and_never_dead_lettered(daemon):
         daemon._start_ready()
         settle(daemon)
         daemon.clock_value[0] += 3600               # past any backoff
-    assert len(daemon.runner.runs) == 3
+    assert [playbook for playbook, _extravars in daemon.runner.runs].count("provision_playbook") == 3
     assert daemon.broker.actions() == [("forward", "publisher")]
     assert "carol.infn.it" in daemon.registry.applied
+
+
+def test_positions_above_the_fair_share_are_given_up_and_who_is_active_is_reported(daemon):
+    from prometheus_client import generate_latest
+
+    from cvmfs_publisher_consumer.spread import View
+    me = daemon.host_id
+    daemon.broker.queues |= {"carol", "dave"}
+    for short in ("carol", "dave"):
+        daemon._subscribe(short, short + ".infn.it")
+    queues = ["alice", "bob", "carol", "dave"]
+    view = View(active={q: me for q in queues}, standby={q: {"other"} for q in queues})
+
+    class Management:
+        def view(self):
+            return view
+    daemon.management = Management()
+    daemon.runner.auto = False
+    daemon.broker.deliver("alice", event("cvmfs/a"))       # alice is busy: its position is not given up
+    daemon._start_ready()
+    started(daemon, 1)
+    daemon._next_spread = 0
+    daemon._spread()
+    assert daemon.broker.released == ["bob", "carol"]     # 4 of 4 with 2 hosts: 2 go, idle ones only
+    assert {"bob", "carol"} <= set(daemon.broker.callbacks)  # subscribed again, as a standby
+    status = StatusFile.read(daemon.config["state_dir"])
+    assert status["host"] == me and status["active"] == ["alice.infn.it", "dave.infn.it"]
+    assert status["standby"] == ["bob.infn.it", "carol.infn.it"] and status["hosts"] == {me: 2, "other": 0}
+    assert status["repositories"]["alice.infn.it"]["active_host"] == me
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert 'cvmfs_publisher_repository_active{repository="bob.infn.it"} 0.0' in text
+    assert 'cvmfs_publisher_repository_active{repository="dave.infn.it"} 1.0' in text
+    assert "cvmfs_publisher_positions_given_up_total 2.0" in text
+    daemon.runner.gate.release()
+    settle(daemon)

@@ -58,7 +58,7 @@ def cmd_status(config, args) -> int:
                      "last_publish": entry.get("last_publish"), "last_error": entry.get("last_error"),
                      "last_error_at": entry.get("last_error_at"), "refusals": entry.get("refusals") or [],
                      "refusals_count": entry.get("refusals_count", len(entry.get("refusals") or []))})
-    cluster = {k: status.get(k) for k in ("host_id", "active", "standby", "hosts")}
+    cluster = {k: status.get(k) for k in ("host", "active", "standby", "hosts")}
     if args.json:
         print(json.dumps({"daemon": {k: status.get(k) for k in ("pid", "updated", "connected", "runs_in_progress")},
                           "queues": {q: depths.get(q) for q in queues[:2]}, "repositories": rows,
@@ -71,7 +71,7 @@ def cmd_status(config, args) -> int:
         print("queue %s: %s waiting" % (name, "?" if depths.get(name) is None else depths[name]))
     if cluster["hosts"]:
         print("host %s: active for %d, standby for %d; active per host: %s" % (
-            cluster["host_id"], len(cluster["active"] or []), len(cluster["standby"] or []),
+            cluster["host"], len(cluster["active"] or []), len(cluster["standby"] or []),
             ", ".join("%s %d" % item for item in sorted(cluster["hosts"].items()))))
     print("%-40s %8s  %-21s %s" % ("REPOSITORY", "QUEUED", "LAST PUBLISH", "LAST ERROR"))
     for row in rows:
