@@ -69,7 +69,8 @@ class Host:
             ansible__extravars_files=[stack_vars_file(), str(host_vars)],
             repositories__config_dir=str(self.root / "etc/cvmfs/repositories.d"),
             queues__registry=registry, cluster__host_id=name, cluster__spread_interval=SPREAD_INTERVAL,
-            amqp__heartbeat=5, sync__max_attempts=20, sync__retry_max_delay=5, **settings)
+            amqp__heartbeat=5, sync__max_attempts=20, sync__retry_max_delay=5, sync__full_reconcile_interval=0,
+            **settings)
 
     def provisioned(self):
         """The repositories whose provisioning run succeeded on this host (the bucket notifies from then on)."""
