@@ -2,7 +2,6 @@
 stand-in gateway folder, the stack's RabbitMQ), ten repositories provisioned by messages, a host killed during a
 burst, a fourth host joining. Figures (spread, time to converge, failover) are printed: run with ``-s`` to see them.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pika
 import pytest
 import yaml
 
-from helpers import stack_vars_file
+from helpers import consumer_e2e, stack_vars_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "devstack"))
@@ -24,15 +23,7 @@ import standin  # noqa: E402  (the stand-in's read API for tests)
 from cvmfs_publisher_consumer import amqp  # noqa: E402
 
 
-def _load_sibling(name):
-    """The end-to-end test module's daemon and stack helpers (one copy of them)."""
-    spec = importlib.util.spec_from_file_location("scaleout_" + name, Path(__file__).with_name(name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_sibling("test_consumer_e2e")
+e2e = consumer_e2e()
 
 pytestmark = pytest.mark.slow
 REPOSITORIES = 10
