@@ -500,3 +500,24 @@ def test_positions_above_the_fair_share_are_given_up_and_who_is_active_is_report
     assert "cvmfs_publisher_positions_given_up_total 2.0" in text
     daemon.runner.gate.release()
     settle(daemon)
+
+
+def test_a_half_made_repository_is_not_consumed_until_its_provisioning_succeeds(daemon, project):
+    """Provisioning failed after the repository was created (say, the bucket did not exist yet): it shows in
+    repositories.d, but its queue waits until the retry of the provisioning succeeds."""
+    daemon.broker.queues.add("carol")
+    daemon.runner.outcomes = ["failed"]
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    (project["tmp"] / "repositories.d" / "carol.infn.it").mkdir()
+    daemon._next_rescan = 0.0
+    daemon._rescan()
+    assert "carol" not in daemon.broker.callbacks
+    assert StatusFile.read(daemon.config["state_dir"])["repositories"]["carol.infn.it"]["provisioning"] == "failed"
+    daemon.clock_value[0] += 3600  # past the backoff: the retry runs, and succeeds
+    daemon._start_ready()
+    settle(daemon)
+    assert [p for p, _extravars in daemon.runner.runs].count("provision_playbook") == 2
+    assert "carol" in daemon.broker.callbacks
+    assert "provisioning" not in StatusFile.read(daemon.config["state_dir"])["repositories"]["carol.infn.it"]

@@ -239,6 +239,8 @@ class Daemon:
         self._next_rescan = now + interval if interval else float("inf")
         found = discover_repositories(self.config["repositories.config_dir"], self.config["repositories.include"])
         for short, fqrn in found.items():
+            if self.status.provisioning_unfinished(fqrn) and not self.broker.consuming(short):
+                continue  # half-provisioned: its queue waits until a provisioning run succeeds
             self._subscribe(short, fqrn)
         self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
 
@@ -427,6 +429,8 @@ class Daemon:
             self._in_flight += 1
             self.metrics.runs_in_progress.inc()
             self.metrics.batch_size.labels(batch.mode).observe(batch.size)
+            if batch.mode == PROVISION:
+                self.status.provisioning(batch.lane, "started")
             log.info("run started: %s %s", batch.mode, batch.lane,
                      extra=fields(event="run_started", repository=batch.lane, mode=batch.mode,
                                   messages=len(batch.messages), keys=len(batch.keys)))
@@ -500,6 +504,7 @@ class Daemon:
                       extra=fields(event="run_failed", error=result.error, kept=result.kept, **log_fields))
             self.status.failed(batch.lane, result.error)
             if batch.mode == PROVISION:
+                self.status.provisioning(batch.lane, "failed")
                 self._retry_provision(batch, result, now)
             else:
                 self._retry_or_dead_letter(batch, result, label, now)

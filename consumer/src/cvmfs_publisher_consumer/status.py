@@ -48,7 +48,17 @@ class StatusFile:
         entry.update(refusals=list(current), refusals_count=count)
 
     def provisioned(self, fqrn: str):
-        self.repository(fqrn)["provisioned_at"] = self._clock()
+        entry = self.repository(fqrn)
+        entry["provisioned_at"] = self._clock()
+        entry.pop("provisioning", None)
+
+    def provisioning(self, fqrn: str, state: str):
+        """``started`` or ``failed``: until a provisioning run succeeds, the daemon does not consume the queue of a
+        repository it was asked to provision (a half-made one may already show in repositories.d)."""
+        self.repository(fqrn)["provisioning"] = state
+
+    def provisioning_unfinished(self, fqrn: str) -> bool:
+        return self.data["repositories"].get(fqrn, {}).get("provisioning") in ("started", "failed")
 
     def save(self, **daemon):
         self.data.update(daemon, updated=self._clock(), pid=os.getpid())
