@@ -44,7 +44,7 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt consumer/pyproject.toml
 	@touch $@
 
 eda-venv: $(EDA_VENV)/.stamp
-$(EDA_VENV)/.stamp: requirements-eda.txt .build/apt.stamp
+$(EDA_VENV)/.stamp: requirements-eda.txt | .build/apt.stamp
 	@test -x $(EDA_VENV)/bin/python || python3 -m venv $(EDA_VENV)
 	$(EDA_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-eda.txt
 	@touch $@
