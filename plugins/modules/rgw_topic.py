@@ -77,6 +77,15 @@ options:
       - Whether RGW verifies the broker's certificate for V(amqps://) endpoints.
     type: bool
     default: true
+  ca_location:
+    description:
+      - Path, on the RGW hosts (not on the host running this module), of the PEM bundle of the CAs RGW trusts for
+        the broker's certificate of an V(amqps://) O(push_endpoint) (the topic's C(ca-location) attribute).
+      - Empty (the default) means RGW's system trust store.
+      - RGW checks the broker's DNS name against the certificate (not an IP address), so name the broker by a host
+        name its certificate covers.
+    type: str
+    default: ""
   persistent:
     description:
       - Queue events in RADOS and deliver them asynchronously, so they survive a broker outage (at least once;
@@ -154,6 +163,7 @@ topic:
     amqp_exchange: notification
     amqp_ack_level: broker
     verify_ssl: true
+    ca_location: ""
     persistent: true
     opaque_data: ""
 changed_attributes:
@@ -188,6 +198,7 @@ ARGUMENT_SPEC = dict(
     amqp_exchange=dict(type="str", default="notification"),
     amqp_ack_level=dict(type="str", choices=["none", "broker", "routable"], default="broker"),
     verify_ssl=dict(type="bool", default=True),
+    ca_location=dict(type="str", default=""),
     persistent=dict(type="bool", default=False),
     opaque_data=dict(type="str", default=""),
 )

@@ -22,7 +22,7 @@ import pika
 import pytest
 import yaml
 
-from helpers import stack_vars_file
+from helpers import amqp_parameters, daemon_amqp_settings, stack_vars_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "devstack"))
@@ -40,10 +40,7 @@ pytestmark = pytest.mark.slow
 # -- the stack ---------------------------------------------------------------------------------------------
 
 def amqp_connection(stack):
-    password = Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()
-    return pika.BlockingConnection(pika.ConnectionParameters(
-        stack["AMQP_HOST"], int(stack["AMQP_PORT"]), stack["AMQP_VHOST"],
-        pika.PlainCredentials(stack["AMQP_USER"], password)))
+    return pika.BlockingConnection(amqp_parameters(stack))
 
 
 def publish(stack, queue, body, headers=None):
@@ -170,9 +167,7 @@ class DaemonProcess:
         self.log_path = self.folder / "daemon.log"
         self.metrics_port = free_port()
         config = {
-            "amqp": {"host": stack["AMQP_HOST"], "port": int(stack["AMQP_PORT"]), "user": stack["AMQP_USER"],
-                     "password_file": stack["AMQP_PASSWORD_FILE"], "vhost": stack["AMQP_VHOST"], "tls": False,
-                     "reconnect_initial_delay": 0.5, "reconnect_max_delay": 5},
+            "amqp": dict(daemon_amqp_settings(stack), reconnect_initial_delay=0.5, reconnect_max_delay=5),
             "queues": {"publisher": publisher_queue, "dead_letter": dead_letter_queue},
             "repositories": {"config_dir": str(Path(stack["CVMFS_STANDIN_ROOT"]) / "etc/cvmfs/repositories.d"),
                              "include": include, "rescan_interval": 2},
@@ -290,6 +285,7 @@ def daemon_queue(daemon):
 
 # -- the tests -------------------------------------------------------------------------------------------
 
+@pytest.mark.tls
 def test_provisioning_then_tree_tarball_and_deletions_are_published(stack, s3, daemons, unique_name):
     daemon = daemons().start()
     fqrn = provision(stack, s3, daemon, unique_name)
@@ -487,9 +483,8 @@ def test_failed_runs_retry_then_dead_letter_and_keep_no_secret(stack, s3, daemon
 
 def _broker(stack, dead_letter_queue):
     from cvmfs_publisher_consumer import amqp
-    settings = {"host": stack["AMQP_HOST"], "port": int(stack["AMQP_PORT"]), "vhost": stack["AMQP_VHOST"],
-                "user": stack["AMQP_USER"], "tls": False, "ca_cert": "", "client_cert": "", "client_key": "",
-                "server_hostname": "", "heartbeat": 30, "connection_timeout": 10}
+    settings = dict(daemon_amqp_settings(stack), client_cert="", client_key="", server_hostname="", heartbeat=30,
+                    connection_timeout=10)
     broker = amqp.Broker(amqp.connection_parameters(settings, Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()),
                          dead_letter_queue)
     broker.connect()

@@ -83,6 +83,7 @@ class Repo:
             "secret_key_file": "{{ cvmfs_publisher_rgw_secret_key_file }}",
             "cvmfs_server_bin": "{{ cvmfs_publisher_cvmfs_server_bin }}",
             "cvmfs_root": "{{ cvmfs_publisher_cvmfs_root }}",
+            "ca_bundle": "{{ cvmfs_publisher_rgw_ca_bundle or omit }}",
         }
         args.update(extra)
         return args
@@ -102,7 +103,7 @@ class Repo:
         params.update(repository=self.fqrn, endpoint_url=self.stack["RGW_ENDPOINT"], region="default",
                       access_key_file=self.stack["RGW_ACCESS_KEY_FILE"],
                       secret_key_file=self.stack["RGW_SECRET_KEY_FILE"], cvmfs_server_bin=self.bin,
-                      cvmfs_root=self.root)
+                      cvmfs_root=self.root, ca_bundle=self.stack.get("CA_CERT_FILE") or None)
         params.update(extra)
         return params
 
@@ -125,6 +126,7 @@ def repo(stack, s3, unique_name, tmp_path):
     return Repo(stack, s3, unique_name, tmp_path)
 
 
+@pytest.mark.tls
 def test_nested_tree_updates_and_deletes_then_nothing_to_do(repo):
     odd = "cvmfs/with space+plus&amp=\u00fc %2F.txt"
     repo.put_many({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/sibling": b"sib",
@@ -155,6 +157,7 @@ def test_nested_tree_updates_and_deletes_then_nothing_to_do(repo):
     assert repo.revision() == 2, "nothing to do opens no transaction"
 
 
+@pytest.mark.tls
 def test_tarball_add_replace_and_remove_through_the_playbook(repo):
     keys = ["cvmfs/sw/v1.tar.gz"]
     repo.put("cvmfs/sw/v1.tar.gz", tgz({"bin/tool": b"tool 1", "share/old": b"old", "lib": ("dir",),

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import run_playbook
+from helpers import run_playbook, ssl_context
 
 RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -39,7 +39,7 @@ def vault_keys(stack, subject, fqrn):
     req = urllib.request.Request("%s/v1/%s/data/%s/cvmfs_keys/%s" % (stack["VAULT_ADDR"], stack["VAULT_KV_MOUNT"],
                                                                    subject, fqrn),
                                  headers={"X-Vault-Token": token})
-    return json.load(urllib.request.urlopen(req, timeout=10))["data"]["data"]
+    return json.load(urllib.request.urlopen(req, timeout=10, context=ssl_context(stack)))["data"]["data"]
 
 
 def rabbit_queue(stack, name):
@@ -48,7 +48,7 @@ def rabbit_queue(stack, name):
     req = urllib.request.Request("%s/api/queues/%%2F/%s" % (stack["RABBITMQ_API_URL"], name),
                                  headers={"Authorization": "Basic " + auth})
     try:
-        return json.load(urllib.request.urlopen(req, timeout=10))
+        return json.load(urllib.request.urlopen(req, timeout=10, context=ssl_context(stack)))
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
@@ -58,7 +58,8 @@ def rabbit_queue(stack, name):
 def clients(stack):
     kw = dict(endpoint_url=stack["RGW_ENDPOINT"], region_name=stack["RGW_REGION"],
               aws_access_key_id=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
-              aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip())
+              aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+              verify=stack.get("CA_CERT_FILE") or None)
     return boto3.client("s3", **kw), boto3.client("sns", **kw)
 
 
@@ -71,6 +72,7 @@ def repository(stack, repo_root, unique_name, s3):
     return {"fqrn": fqrn, "short": unique_name, "subject": subject}
 
 
+@pytest.mark.tls
 def test_provision_twice_then_remove_leaves_nothing(stack, repository):
     fqrn, short = repository["fqrn"], repository["short"]
     extra = {"cvmfs_repository": fqrn, "cvmfs_subject": repository["subject"]}

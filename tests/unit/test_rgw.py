@@ -30,7 +30,7 @@ REAL_ATTRIBUTES = {
                             "EndpointTopic": "alice", "HasStoredSecret": "false", "Persistent": "true"}),
 }
 REAL_TOPIC = dict(push_endpoint="amqp://127.0.0.1:22010", amqp_exchange="notification", amqp_ack_level="broker",
-                  verify_ssl=False, persistent=True, opaque_data="a=b&c")
+                  verify_ssl=False, ca_location="", persistent=True, opaque_data="a=b&c")
 
 
 def params(**overrides):
@@ -101,7 +101,7 @@ def test_topic_from_attributes_applies_rgw_defaults():
                                           "Persistent": "false"}), "OpaqueData": ""}
     canonical = topic.topic_from_attributes(attributes)
     assert canonical == dict(push_endpoint="amqp://mq:5672", amqp_exchange="notification", amqp_ack_level="broker",
-                             verify_ssl=True, persistent=False, opaque_data="")
+                             verify_ssl=True, ca_location="", persistent=False, opaque_data="")
 
 
 def test_desired_topic_round_trips_through_create_attributes():
@@ -112,6 +112,21 @@ def test_desired_topic_round_trips_through_create_attributes():
                           "amqp-ack-level": "broker", "verify-ssl": "false", "persistent": "true",
                           "OpaqueData": "a=b&c"}
     assert "OpaqueData" not in topic.topic_create_attributes(dict(desired, opaque_data=""))
+
+
+def test_ca_location_is_sent_read_back_and_compared():
+    """RGW 16.2 takes the CA bundle it verifies an amqps broker with as the topic's `ca-location` attribute."""
+    desired = topic.desired_topic(topic_params(push_endpoint="amqps://localhost:5671", verify_ssl=True,
+                                             ca_location="/etc/ceph/broker-ca.pem"))
+    attributes = topic.topic_create_attributes(desired)
+    assert attributes["ca-location"] == "/etc/ceph/broker-ca.pem" and attributes["verify-ssl"] == "true"
+    stored = {"EndPoint": json.dumps({"EndpointAddress": "amqps://localhost:5671", "Persistent": "true",
+                                      "EndpointArgs": "Version=2010-03-31&amqp-ack-level=broker&"
+                                                      "amqp-exchange=notification&ca-location=/etc/ceph/broker-ca.pem&"
+                                                      "persistent=true&push-endpoint=amqps://localhost:5671&"
+                                                      "verify-ssl=true"}), "OpaqueData": "a=b&c"}
+    assert topic.topic_from_attributes(stored) == desired
+    assert topic.topic_differences(dict(desired, ca_location=""), desired) == ["ca_location"]
 
 
 def test_topic_differences_names_each_field():

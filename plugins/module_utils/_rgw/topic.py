@@ -87,6 +87,7 @@ def desired_topic(params):
         amqp_exchange=params["amqp_exchange"],
         amqp_ack_level=params["amqp_ack_level"],
         verify_ssl=bool(params["verify_ssl"]),
+        ca_location=params.get("ca_location") or "",
         persistent=bool(params["persistent"]),
         opaque_data=params.get("opaque_data") or "",
     )
@@ -101,6 +102,8 @@ def topic_create_attributes(topic):
         "verify-ssl": bool_text(topic["verify_ssl"]),
         "persistent": bool_text(topic["persistent"]),
     }
+    if topic["ca_location"]:
+        attributes["ca-location"] = topic["ca_location"]
     if topic["opaque_data"]:
         attributes["OpaqueData"] = topic["opaque_data"]
     return attributes
@@ -140,6 +143,7 @@ def topic_from_attributes(attributes):
         amqp_exchange=args.get("amqp-exchange", ""),
         amqp_ack_level=args.get("amqp-ack-level", "broker"),
         verify_ssl=text_bool(args.get("verify-ssl"), True),
+        ca_location=args.get("ca-location", ""),
         persistent=text_bool(endpoint.get("Persistent", args.get("persistent")), False),
         opaque_data=attributes.get("OpaqueData") or args.get("OpaqueData", ""),
     )
