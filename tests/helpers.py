@@ -145,3 +145,24 @@ def consumer_e2e():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_modules(calls, *, check=False):
+    """Run several modules as the tasks of one play (one ansible start-up for all), each one run even when an
+    earlier one failed; returns their full registered results in order. ``calls`` is [(module fqcn, args)]."""
+    with tempfile.TemporaryDirectory(prefix="run_modules-") as tmp:
+        result_file = os.path.join(tmp, "results.json")
+        tasks = [{"name": "%d %s" % (index, fqcn), fqcn: args, "register": "result_%d" % index, "ignore_errors": True}
+                 for index, (fqcn, args) in enumerate(calls)]
+        registered = ", ".join("result_%d" % index for index in range(len(calls)))
+        tasks.append({"name": "save the results", "check_mode": False, "diff": False,
+                      "ansible.builtin.copy": {"content": "{{ [%s] | to_json }}" % registered, "dest": result_file,
+                                               "mode": "0600"}})
+        playbook_file = os.path.join(tmp, "run_modules.yml")
+        with open(playbook_file, "w") as handle:
+            json.dump([{"name": "run modules", "hosts": "localhost", "gather_facts": False, "tasks": tasks}], handle)
+        proc = run_playbook(playbook_file, None, check=check)
+        if not os.path.exists(result_file):
+            raise AssertionError("the modules did not run:\n%s%s" % (proc.stdout[-3000:], proc.stderr[-3000:]))
+        with open(result_file) as handle:
+            return json.load(handle)

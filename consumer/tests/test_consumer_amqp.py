@@ -49,3 +49,13 @@ def test_fallback_nodes_are_tried_after_the_first_host():
     assert [(p.host, p.port) for p in candidates] == [("rabbit.example.org", 5671), ("rabbit2", 5672),
                                                        ("10.0.0.3", 5673)]
     assert len(amqp.connection_candidates(dict(SETTINGS, tls=False), "pw")) == 1
+
+
+def test_a_refused_broker_certificate_says_what_to_set():
+    refused = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                              "unable to get local issuer certificate (_ssl.c:1006)")
+    text = amqp.connection_error_text(refused)
+    assert text.startswith("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer")
+    assert "set amqp.ca_cert to the CA bundle that signs it and amqp.host (or amqp.server_hostname)" in text
+    assert amqp.connection_error_text(ConnectionRefusedError(111, "Connection refused")) == "[Errno 111] Connection " \
+        "refused"

@@ -14,6 +14,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import re
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
@@ -27,6 +28,25 @@ class PublisherError(Exception):
         super(PublisherError, self).__init__(msg)
         self.msg = msg
         self.details = details
+
+
+# OpenSSL's verdict as Python's ssl reports it, and urllib3's own host name check (botocore).
+_TLS_VERDICTS = (re.compile(r"certificate verify failed: (.*?)\s*(?:\(_ssl\.c:\d+\)|'\)|$)"),
+                 re.compile(r"(hostname '[^']*' doesn't match '[^']*')"))
+
+
+def tls_failure(exc, server, url, ca_option):
+    """The operator message for a refused server certificate (wrong CA or wrong host name), or None when ``exc``
+    is not a certificate verification failure: ``<server> at <url>: TLS certificate verification failed
+    (<OpenSSL's verdict>); ...`` with what to set. OpenSSL's verdict is the one part of the exception text that
+    matters (`unable to get local issuer certificate`, `Hostname mismatch, certificate is not valid for 'x'`)."""
+    text = str(exc)
+    match = next((found for found in (pattern.search(text) for pattern in _TLS_VERDICTS) if found), None)
+    if not match:
+        return None
+    return ("%s at %s: TLS certificate verification failed (%s); set %s to the CA bundle that signs the server's "
+            "certificate and use a host name the certificate covers" % (server, url, match.group(1).rstrip("."),
+                                                                        ca_option))
 
 
 def read_secret_file(path, what):

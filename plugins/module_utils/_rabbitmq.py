@@ -26,6 +26,7 @@ from ansible.module_utils.urls import open_url
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherError,
     secret_option,
+    tls_failure,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +178,9 @@ class ManagementApi(object):
             raise PublisherError(self._http_error_message(method, path, exc))
         except (URLError, socket.error, socket.timeout) as exc:
             reason = getattr(exc, "reason", exc)
+            refused = tls_failure(reason, "RabbitMQ management API", self.base_url, "ca_cert")
+            if refused:
+                raise PublisherError(refused)
             raise PublisherError("RabbitMQ management API unreachable at %s: %s (check api_url and that the "
                                  "rabbitmq_management plugin is enabled)" % (self.base_url, reason))
         if not content:

@@ -19,6 +19,7 @@ from ansible.module_utils.basic import env_fallback
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherError,
     secret_option,
+    tls_failure,
 )
 
 try:
@@ -131,8 +132,9 @@ def _server_message(exc, *secrets):
 def _transport_error(exc, url, what):
     """A VaultError for network, TLS and unexpected server errors."""
     if HAS_HVAC and isinstance(exc, requests.exceptions.SSLError):
-        return VaultError("%s: TLS verification of %s failed (%s); set ca_cert to the CA bundle of the Vault "
-                          "server" % (what, url, _short_reason(exc)))
+        refused = tls_failure(exc, "Vault", url, "ca_cert (or VAULT_CACERT)")
+        return VaultError("%s: %s" % (what, refused) if refused else "%s: TLS error talking to Vault at %s (%s)"
+                          % (what, url, _short_reason(exc)))
     if HAS_HVAC and isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
         return VaultError("%s: cannot reach Vault at %s (%s)" % (what, url, _short_reason(exc)))
     if HAS_HVAC and isinstance(exc, hvac.exceptions.VaultDown):

@@ -74,6 +74,15 @@ def host_of_tag(tag: str) -> Optional[str]:
     return tag[len(CONSUMER_TAG_PREFIX):].rpartition("#")[0] or None
 
 
+def connection_error_text(exc) -> str:
+    """What to log for a failed or lost connection; a refused broker certificate says what to fix."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text += ("; the broker's TLS certificate was refused: set amqp.ca_cert to the CA bundle that signs it and "
+                 "amqp.host (or amqp.server_hostname) to a name it covers")
+    return text
+
+
 def header(properties, name, default=None):
     return (properties.headers or {}).get(name, default) if properties else default
 

@@ -160,7 +160,7 @@ class Daemon:
     def _disconnected(self, exc):
         was_connected = self.metrics.is_connected
         self.metrics.set_connected(False)
-        detail = str(exc) or type(exc).__name__
+        detail = amqp.connection_error_text(exc)
         if was_connected:
             log.warning("RabbitMQ connection lost: %s", detail,
                         extra=fields(event="disconnected", error_type=type(exc).__name__))

@@ -39,6 +39,7 @@ except ImportError:
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherError,
     secret_option,
+    tls_failure,
 )
 
 # Options (documented once in plugins/doc_fragments/rgw.py)
@@ -139,6 +140,9 @@ def describe_client_error(exc, action, endpoint_url=None):
     if HAS_BOTO3:
         from botocore import exceptions as bex
         if isinstance(exc, bex.SSLError):
+            refused = tls_failure(exc, "RGW", where, "ca_bundle")
+            if refused:
+                return "cannot %s: %s" % (action, refused)
             return ("TLS error talking to RGW at %s while trying to %s: %s (set ca_bundle to the CA that signed "
                     "RGW's certificate)" % (where, action, exc))
         if isinstance(exc, bex.NoCredentialsError):
