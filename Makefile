@@ -14,6 +14,9 @@ COLLECTION_LINK := $(ROOT)/.build/collections/ansible_collections/infn_cloud/cvm
 # The test stack lives apart from the demo stack, so both can run side by side.
 TEST_STACK_DIR ?= $(ROOT)/.devstack/test
 TEST_STACK_PORT_BASE ?= 19000
+# A second test stack serving everything over TLS (`devstack/stack up --tls`), for the tests marked `tls`.
+TEST_TLS_STACK_DIR ?= $(ROOT)/.devstack/test-tls
+TEST_TLS_STACK_PORT_BASE ?= $(shell echo $$(( $(TEST_STACK_PORT_BASE) + 100 )))
 DEMO_STACK_DIR ?= $(ROOT)/.devstack/demo
 DEMO_STACK_PORT_BASE ?= 18000
 PYTEST_ARGS ?=
@@ -67,8 +70,10 @@ stack-down:
 	@DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE) devstack/stack down
 
 # Every test: the quality gates (make lint), then unit, the stand-in's own tests, integration and end-to-end tests
-# and the molecule scenario against a fresh local stack. Every part runs; the exit status says whether any failed.
+# and the molecule scenario against a fresh local stack, then the tests marked `tls` against a fresh `--tls` stack
+# (make test-tls). Every part runs; the exit status says whether any failed.
 STACK_ENV = DEVSTACK_DIR=$(TEST_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_STACK_PORT_BASE)
+TLS_STACK_ENV = DEVSTACK_DIR=$(TEST_TLS_STACK_DIR) DEVSTACK_PORT_BASE=$(TEST_TLS_STACK_PORT_BASE)
 test: install lint-install eda-venv
 	@failed=""; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
@@ -78,8 +83,20 @@ test: install lint-install eda-venv
 	  PATH=$(VENV)/bin:$$PATH $(STACK_ENV) $(VENV)/bin/molecule test -s default || failed="$$failed molecule"; \
 	else failed="$$failed stack-up"; fi; \
 	$(STACK_ENV) devstack/stack down || true; \
+	$(MAKE) --no-print-directory test-tls || failed="$$failed tls"; \
 	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed" >&2; exit 1; fi; \
 	echo "make test: every part passed"
+
+# The tests marked `tls` (provisioning, sync, the daemon end to end, wrong CA / wrong host name refusals) against a
+# stack that serves RGW, RabbitMQ and OpenBao over TLS only, with a CA of its own.
+test-tls: install
+	@$(TLS_STACK_ENV) devstack/stack down >/dev/null 2>&1 || true; \
+	status=0; \
+	if $(TLS_STACK_ENV) devstack/stack up --tls; then \
+	  $(TLS_STACK_ENV) $(PY) -m pytest -m tls $(PYTEST_ARGS) || status=1; \
+	else status=1; fi; \
+	$(TLS_STACK_ENV) devstack/stack down || true; \
+	exit $$status
 
 test-unit: install
 	$(PY) -m pytest tests/unit devstack/tests consumer/tests $(PYTEST_ARGS)
@@ -144,4 +161,5 @@ distclean: clean
 	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/cluster down
 	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/stack down
 	-DEVSTACK_DIR=$(DEMO_STACK_DIR) devstack/stack down
+	-DEVSTACK_DIR=$(TEST_TLS_STACK_DIR) devstack/stack down
 	rm -rf .venv .venv-eda .devstack

@@ -126,7 +126,6 @@ def repo(stack, s3, unique_name, tmp_path):
     return Repo(stack, s3, unique_name, tmp_path)
 
 
-@pytest.mark.tls
 def test_nested_tree_updates_and_deletes_then_nothing_to_do(repo):
     odd = "cvmfs/with space+plus&amp=\u00fc %2F.txt"
     repo.put_many({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/sibling": b"sib",
