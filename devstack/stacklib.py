@@ -99,13 +99,13 @@ class StackError(Exception):
 class Layout:
     """Every path and port of one stack."""
 
-    def __init__(self, directory=None, port_base=None, use_tls=None):
+    def __init__(self, directory=None, port_base=None):
         self.dir = os.path.abspath(directory or os.environ.get("DEVSTACK_DIR")
                                    or os.path.join(REPO_ROOT, ".devstack", "default"))
         recorded_state = self._recorded_state()
         recorded = recorded_state.get("port_base")
-        # A running stack keeps the TLS mode it was started with.
-        self.tls = bool(recorded_state.get("tls")) if use_tls is None else bool(use_tls)
+        # A running stack keeps the TLS mode it was started with (`up --tls` sets it on a new one).
+        self.tls = bool(recorded_state.get("tls"))
         self.pki = tls.StackPki(self.path("tls"))
         if port_base is None:
             env_base = os.environ.get("DEVSTACK_PORT_BASE")
