@@ -98,6 +98,12 @@ def test_provision_twice_then_remove_leaves_nothing(stack, repository):
     s3, sns = clients(stack)
     arns = [t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].endswith(":" + short)]
     assert arns
+    endpoint = json.loads(sns.get_topic_attributes(TopicArn=arns[0])["Attributes"]["EndPoint"])
+    assert endpoint["EndpointAddress"] == stack["TOPIC_PUSH_ENDPOINT"]
+    assert "verify-ssl=true" in endpoint["EndpointArgs"].split("&")
+    if stack.get("CA_CERT_FILE"):  # RGW pushes over AMQPS and verifies the broker with the stack's CA
+        assert endpoint["EndpointAddress"].startswith("amqps://")
+        assert "ca-location=" + stack["CA_CERT_FILE"] in endpoint["EndpointArgs"].split("&")
     ids = [c["Id"] for c in s3.get_bucket_notification_configuration(Bucket=short).get("TopicConfigurations", [])]
     assert ids == ["cvmfs-publisher"]
 
