@@ -19,7 +19,8 @@ ENV_KEYS = [
     "DEVSTACK_DIR", "RGW_ENDPOINT", "RGW_REGION", "RGW_ACCESS_KEY_FILE", "RGW_SECRET_KEY_FILE", "AMQP_HOST",
     "AMQP_PORT", "AMQP_USER", "AMQP_PASSWORD_FILE", "AMQP_VHOST", "RABBITMQ_API_URL", "AMQP_EXCHANGE",
     "TOPIC_PUSH_ENDPOINT", "VAULT_ADDR", "VAULT_TOKEN_FILE", "VAULT_ROLE_ID_FILE", "VAULT_SECRET_ID_FILE",
-    "VAULT_KV_MOUNT", "CVMFS_STANDIN_ROOT", "CVMFS_SERVER_BIN", "CVMFS_STRATUM0_URL", "CVMFS_GATEWAY_URL",
+    "VAULT_KV_MOUNT", "CVMFS_STANDIN_ROOT", "CVMFS_SERVER_BIN", "CVMFS_STRATUM0_URL", "CVMFS_GATEWAY_URL", "TLS",
+    "CA_CERT_FILE",
 ]
 ROLE_VARS = [
     "cvmfs_publisher_vault_url", "cvmfs_publisher_vault_ca_cert", "cvmfs_publisher_vault_role_id_file",
@@ -28,9 +29,9 @@ ROLE_VARS = [
     "cvmfs_publisher_rgw_ca_bundle", "cvmfs_publisher_rabbitmq_api_url", "cvmfs_publisher_rabbitmq_user",
     "cvmfs_publisher_rabbitmq_password_file", "cvmfs_publisher_rabbitmq_vhost", "cvmfs_publisher_rabbitmq_ca_cert",
     "cvmfs_publisher_amqp_exchange", "cvmfs_publisher_topic_push_endpoint", "cvmfs_publisher_topic_ack_level",
-    "cvmfs_publisher_topic_persistent", "cvmfs_publisher_cvmfs_server_bin", "cvmfs_publisher_cvmfs_root",
-    "cvmfs_publisher_stratum0_url", "cvmfs_publisher_gateway_url", "cvmfs_publisher_txn_dir",
-    "cvmfs_publisher_owner",
+    "cvmfs_publisher_topic_persistent", "cvmfs_publisher_topic_ca_location", "cvmfs_publisher_cvmfs_server_bin",
+    "cvmfs_publisher_cvmfs_root", "cvmfs_publisher_stratum0_url", "cvmfs_publisher_gateway_url",
+    "cvmfs_publisher_txn_dir", "cvmfs_publisher_owner",
 ]
 # Waiting for an asynchronous delivery: a bound on polling, not a measured threshold.
 DELIVERY_DEADLINE = 60
@@ -183,6 +184,7 @@ def test_bucket_notifications_reach_rabbitmq(stack, s3, sns, amqp, unique_name):
 # -- the stack command ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.tls
 def test_env_json_has_exactly_the_contract_keys(stack, repo_root):
     assert list(stack) == ENV_KEYS
     shell = stack_cmd(repo_root, "env")
@@ -199,6 +201,7 @@ def test_secret_files_are_private(stack):
         assert read(stack[key])
 
 
+@pytest.mark.tls
 def test_vars_file_points_at_the_stack(stack, repo_root):
     proc = stack_cmd(repo_root, "vars")
     assert proc.returncode == 0, proc.stderr
@@ -208,6 +211,12 @@ def test_vars_file_points_at_the_stack(stack, repo_root):
     assert role_vars["cvmfs_publisher_rgw_endpoint"] == stack["RGW_ENDPOINT"]
     assert role_vars["cvmfs_publisher_topic_push_endpoint"] == stack["TOPIC_PUSH_ENDPOINT"]
     assert role_vars["cvmfs_publisher_topic_persistent"] is False
+    tls = stack["TLS"] == "true"
+    assert stack["CA_CERT_FILE"] if tls else stack["CA_CERT_FILE"] == ""
+    for name in ("vault_ca_cert", "rgw_ca_bundle", "rabbitmq_ca_cert", "topic_ca_location"):
+        assert role_vars["cvmfs_publisher_" + name] == stack["CA_CERT_FILE"], name
+    for name in ("VAULT_ADDR", "RGW_ENDPOINT", "RABBITMQ_API_URL"):
+        assert stack[name].startswith("https://" if tls else "http://"), name
     assert role_vars["cvmfs_publisher_txn_dir"] == "/srv/cvmfs/{fqrn}/data/txn"
     assert role_vars["cvmfs_publisher_cvmfs_server_bin"] == stack["CVMFS_SERVER_BIN"]
     wrapper = Path(stack["CVMFS_SERVER_BIN"]).read_text()
