@@ -14,9 +14,10 @@ COLLECTION_LINK := $(ROOT)/.build/collections/ansible_collections/infn_cloud/cvm
 # The test stack lives apart from the demo stack, so both can run side by side.
 TEST_STACK_DIR ?= $(ROOT)/.devstack/test
 TEST_STACK_PORT_BASE ?= 19000
-# A second test stack serving everything over TLS (`devstack/stack up --tls`), for the tests marked `tls`.
+# A second test stack serving everything over TLS (`devstack/stack up --tls`), for the tests marked `tls`; its ports
+# stay clear of the RabbitMQ cluster's (devstack/rabbitcluster.py: base+100..base+140).
 TEST_TLS_STACK_DIR ?= $(ROOT)/.devstack/test-tls
-TEST_TLS_STACK_PORT_BASE ?= $(shell echo $$(( $(TEST_STACK_PORT_BASE) + 100 )))
+TEST_TLS_STACK_PORT_BASE ?= $(shell echo $$(( $(TEST_STACK_PORT_BASE) + 200 )))
 DEMO_STACK_DIR ?= $(ROOT)/.devstack/demo
 DEMO_STACK_PORT_BASE ?= 18000
 PYTEST_ARGS ?=
