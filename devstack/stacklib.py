@@ -2,6 +2,7 @@
 """The local stack: real RabbitMQ, Ceph RGW and OpenBao on loopback, all state in one folder.
 
     devstack/stack up [--tls] | down | status | env [--json] | vars | seed-keys <fqrn> (--subject S | --group G)
+    devstack/stack stop | start radosgw|rabbitmq|openbao     (one service, for fault tests)
 
 Everything (config, data, logs, secrets, PIDs) lives in $DEVSTACK_DIR (default <repo>/.devstack/default) and every
 port is derived from $DEVSTACK_PORT_BASE (default 18000), so two stacks run side by side. `down` stops only the
@@ -516,7 +517,7 @@ def role_vars(layout):
         "cvmfs_publisher_amqp_exchange": env["AMQP_EXCHANGE"],
         "cvmfs_publisher_topic_push_endpoint": env["TOPIC_PUSH_ENDPOINT"],
         "cvmfs_publisher_topic_ack_level": "broker",
-        "cvmfs_publisher_topic_persistent": False,
+        "cvmfs_publisher_topic_persistent": True,  # as in production: events survive a broker outage
         "cvmfs_publisher_topic_ca_location": env["CA_CERT_FILE"],
         "cvmfs_publisher_cvmfs_server_bin": env["CVMFS_SERVER_BIN"],
         "cvmfs_publisher_cvmfs_root": env["CVMFS_STANDIN_ROOT"],
@@ -587,9 +588,7 @@ class Starter:
                 return False
         wait_until(osd_up, "ceph-osd", self.log_hint("ceph/log/osd.%s.log" % osd_id), procs=[osd])
 
-        rgw = self.state.spawn("radosgw", ["radosgw", "-f", "-n", RGW_NAME], env=env)
-        wait_until(lambda: _answers("GET", layout.url("rgw", "/"), context=layout.ssl_context()), "radosgw",
-                   self.log_hint("ceph/log/%s.log" % RGW_NAME, "logs/radosgw.out"), procs=[rgw])
+        self.start_radosgw()
 
         access_key = random_token(20, string.ascii_uppercase + string.digits)
         secret_key = random_token(40)
@@ -602,6 +601,11 @@ class Starter:
                              % (result.returncode, self.log_hint("ceph/log/client.admin.log")))
         write_private(layout.secret("rgw_access_key"), access_key)
         write_private(layout.secret("rgw_secret_key"), secret_key)
+
+    def start_radosgw(self):
+        rgw = self.state.spawn("radosgw", ["radosgw", "-f", "-n", RGW_NAME], env=self.ceph_env)
+        wait_until(lambda: _answers("GET", self.layout.url("rgw", "/"), context=self.layout.ssl_context()), "radosgw",
+                   self.log_hint("ceph/log/%s.log" % RGW_NAME, "logs/radosgw.out"), procs=[rgw])
 
     # RabbitMQ: own epmd, own node, management API, the `notification` exchange -------------------------------------
     def start_rabbitmq(self):
@@ -619,7 +623,12 @@ class Starter:
         # Erlang would leave a detached `epmd -daemon` behind: run our own in the foreground, stopped by PID.
         epmd = self.state.spawn("epmd", ["epmd", "-address", "127.0.0.1", "-port", str(layout.ports["epmd"])], env=env)
         wait_until(lambda: port_open(layout.ports["epmd"]), "epmd", self.log_hint("logs/epmd.out"), procs=[epmd])
-        broker = self.state.spawn("rabbitmq", [RABBITMQ_SERVER], env=env)
+        self.start_broker()
+
+    def start_broker(self):
+        """The broker node alone (its data, queues and the exchange survive a stop)."""
+        layout = self.layout
+        broker = self.state.spawn("rabbitmq", [RABBITMQ_SERVER], env=rabbitmq_env(layout))
         exchange_url = layout.url("rabbitmq_management", "/api/exchanges/%2F/" + AMQP_EXCHANGE)
         context = layout.ssl_context()
 
@@ -672,6 +681,9 @@ class Starter:
         wait_until(lambda: _answers("GET", layout.url("vault", "/v1/%s/config" % VAULT_KV_MOUNT),
                                     {"X-Vault-Token": root_token}, context=vault.context),
                    "OpenBao KV v2 mount", hint, procs=[server])
+        # The dev server keeps nothing: after a restart, put back the keys seeded before (as a real Vault would).
+        for fqrn, secret_path in sorted(self.state.data.get("seeded", {}).items()):
+            vault.call("POST", "%s/data/%s" % (VAULT_KV_MOUNT, secret_path), {"data": key_texts(layout, fqrn)})
 
     def _start_openbao_tls(self, bao, bao_dir, hint):
         """The dev server cannot use our certificate: a config-file server (in memory, TLS listener) that is
@@ -935,9 +947,14 @@ def make_key_files(layout, fqrn):
         write_private(paths["crt"], pem("CERTIFICATE"))
     # cvmfs_server's gateway key format: `plain_text <key id> <secret>`
     write_private(paths["gw"], "plain_text keygw%s %s\n" % (short, random_token(25)))
+    return key_texts(layout, fqrn)
+
+
+def key_texts(layout, fqrn):
+    """{Vault field: text} of the key files seeded for ``fqrn``."""
     texts = {}
     for field, ext in (("certificateKey", "crt"), ("publicKey", "pub"), ("gatewayKey", "gw")):
-        with open(paths[ext]) as handle:
+        with open(layout.path("keys", fqrn, "%s.%s" % (fqrn, ext))) as handle:
             texts[field] = handle.read()
     return texts
 
@@ -964,8 +981,62 @@ def cmd_seed_keys(layout, args):
     except OSError as exc:
         raise StackError("cannot reach OpenBao at %s (%s): is the stack up? Run `devstack/stack up`"
                          % (layout.url("vault"), exc))
+    state = State(layout)
+    state.data.setdefault("seeded", {})[fqrn] = secret_path  # `start openbao` stores them again
+    state.save()
     print("stored certificateKey, publicKey, gatewayKey for %s in Vault at %s/data/%s (files in %s)"
           % (fqrn, VAULT_KV_MOUNT, secret_path, layout.path("keys", fqrn)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stop / start one service: what the fault tests do to a running stack
+
+
+RESTARTABLE = ("radosgw", "rabbitmq", "openbao")
+
+
+def _running_stack(layout):
+    state = State(layout)
+    if not state.exists or not state.data.get("ready"):
+        raise StackError("no stack up in %s: run `devstack/stack up` first" % layout.dir)
+    return state
+
+
+def cmd_stop(layout, args):
+    """radosgw: SIGKILL (a crash; its data is in the OSD). rabbitmq: `rabbitmqctl stop` (queues and messages stay
+    on disk). openbao: SIGTERM (the dev server forgets everything; `start` sets it up again)."""
+    state = _running_stack(layout)
+    record = state.processes.get(args.service)
+    if not is_alive(record):
+        print("%s is not running" % args.service)
+        return 0
+    if args.service == "radosgw":
+        _signal(record, signal.SIGKILL)
+    elif args.service == "rabbitmq":
+        try:
+            subprocess.run([RABBITMQCTL, "stop"], env=rabbitmq_env(layout), capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        _signal(record, signal.SIGTERM)
+    if _wait_dead([record], 15):
+        _signal(record, signal.SIGKILL)
+        if _wait_dead([record], 5):
+            raise StackError("could not stop %s (PID %d)" % (args.service, record["pid"]))
+    print("%s stopped" % args.service)
+    return 0
+
+
+def cmd_start(layout, args):
+    state = _running_stack(layout)
+    if is_alive(state.processes.get(args.service)):
+        print("%s is already running" % args.service)
+        return 0
+    starter = Starter(layout, state)
+    {"radosgw": starter.start_radosgw, "rabbitmq": starter.start_broker,
+     "openbao": starter.start_openbao}[args.service]()
+    print("%s started" % args.service)
     return 0
 
 
@@ -992,6 +1063,10 @@ def main(argv=None):
     owner.add_argument("--subject")
     owner.add_argument("--group")
     seed.set_defaults(func=cmd_seed_keys)
+    for verb, func in (("stop", cmd_stop), ("start", cmd_start)):
+        one = sub.add_parser(verb, help="%s one service of a running stack (fault tests)" % verb)
+        one.add_argument("service", choices=RESTARTABLE)
+        one.set_defaults(func=func)
     args = parser.parse_args(argv)
     try:
         return args.func(Layout(), args)

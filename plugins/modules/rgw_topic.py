@@ -90,8 +90,10 @@ options:
     description:
       - Queue events in RADOS and deliver them asynchronously, so they survive a broker outage (at least once;
         duplicates are possible). RGW 16.2 starts delivering a new persistent topic's events after up to 30 s.
+      - V(false) makes RGW push each event synchronously and drop it when the broker is unreachable (the S3 call
+        still succeeds), so an event is lost for every upload made while RabbitMQ is down.
     type: bool
-    default: false
+    default: true
   opaque_data:
     description:
       - Text RGW copies into every event's C(opaqueData) field.
@@ -199,7 +201,7 @@ ARGUMENT_SPEC = dict(
     amqp_ack_level=dict(type="str", choices=["none", "broker", "routable"], default="broker"),
     verify_ssl=dict(type="bool", default=True),
     ca_location=dict(type="str", default=""),
-    persistent=dict(type="bool", default=False),
+    persistent=dict(type="bool", default=True),
     opaque_data=dict(type="str", default=""),
 )
 

@@ -175,6 +175,10 @@ class DaemonProcess:
         self.folder.mkdir(parents=True)
         self.log_path = self.folder / "daemon.log"
         self.metrics_port = free_port()
+        # Synchronous topics: a new persistent topic (the stack's default, as in production) delivers its first
+        # events only after up to 30 s. These tests are about the daemon; tests/faults uses persistent topics.
+        synchronous_topics = self.folder / "synchronous-topics.yml"
+        synchronous_topics.write_text("cvmfs_publisher_topic_persistent: false\n")
         config = {
             "amqp": dict(daemon_amqp_settings(stack), reconnect_initial_delay=0.5, reconnect_max_delay=5),
             "queues": {"publisher": publisher_queue, "dead_letter": dead_letter_queue},
@@ -182,7 +186,7 @@ class DaemonProcess:
                              "include": include, "rescan_interval": 2},
             # No periodic full sync: its random first time would make the run counts below flaky.
             "sync": {"retry_initial_delay": 1, "retry_max_delay": 4, "max_attempts": 3, "full_reconcile_interval": 0},
-            "ansible": {"project_dir": str(REPO_ROOT), "extravars_files": [stack_vars_file()],
+            "ansible": {"project_dir": str(REPO_ROOT), "extravars_files": [stack_vars_file(), str(synchronous_topics)],
                         "env": {"ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg")}},
             "state_dir": str(self.folder / "state"),
             "metrics": {"port": self.metrics_port},

@@ -210,7 +210,7 @@ def test_vars_file_points_at_the_stack(stack, repo_root):
     assert role_vars["cvmfs_publisher_vault_url"] == stack["VAULT_ADDR"]
     assert role_vars["cvmfs_publisher_rgw_endpoint"] == stack["RGW_ENDPOINT"]
     assert role_vars["cvmfs_publisher_topic_push_endpoint"] == stack["TOPIC_PUSH_ENDPOINT"]
-    assert role_vars["cvmfs_publisher_topic_persistent"] is False
+    assert role_vars["cvmfs_publisher_topic_persistent"] is True
     tls = stack["TLS"] == "true"
     assert stack["CA_CERT_FILE"] if tls else stack["CA_CERT_FILE"] == ""
     for name in ("vault_ca_cert", "rgw_ca_bundle", "rabbitmq_ca_cert", "topic_ca_location"):

@@ -115,8 +115,9 @@ def test_upload_reaches_the_queue_through_the_three_modules(stack, s3, unique_na
                     login_password_file="{{ cvmfs_publisher_rabbitmq_password_file }}")
     rc, queue = run_module("infn_cloud.cvmfs_publisher.amqp_queue", dict(rabbitmq, name=unique_name))
     assert rc == 0, queue
+    # Not persistent: RGW then pushes each event before put_object returns (a new persistent topic starts late).
     rc, topic = run_module("infn_cloud.cvmfs_publisher.rgw_topic", dict(
-        CONNECTION, name=unique_name, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}"))
+        CONNECTION, name=unique_name, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}", persistent=False))
     assert rc == 0, topic
     s3.create_bucket(Bucket=unique_name)
     rc, notification = run_module(MODULE, dict(CONNECTION, bucket=unique_name, topic_arn=topic["arn"]))

@@ -41,12 +41,13 @@ def test_create_idempotent_update_delete(stack, sns, unique_name):
     rc, again = run_module(MODULE, args)
     assert rc == 0 and again["changed"] is False and again["arn"] == created["arn"], again
 
-    updated_args = dict(args, persistent=True, amqp_ack_level="none", opaque_data="alice.infn.it")
+    assert endpoint["Persistent"] == "true"  # the default: events survive a broker outage
+    updated_args = dict(args, persistent=False, amqp_ack_level="none", opaque_data="alice.infn.it")
     rc, updated = run_module(MODULE, updated_args, diff=True)
     assert rc == 0 and updated["changed"] and updated["notifications_need_refresh"] is True, updated
     assert updated["changed_attributes"] == ["amqp_ack_level", "opaque_data", "persistent"]
-    assert updated["diff"]["before"]["persistent"] is False and updated["diff"]["after"]["persistent"] is True
-    assert endpoint_of(sns, created["arn"])["Persistent"] == "true"
+    assert updated["diff"]["before"]["persistent"] is True and updated["diff"]["after"]["persistent"] is False
+    assert endpoint_of(sns, created["arn"])["Persistent"] == "false"
     rc, updated_again = run_module(MODULE, updated_args)
     assert rc == 0 and updated_again["changed"] is False, updated_again
 
