@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 
 def stack_cmd(*args):
-    proc = subprocess.run([str(STACK), *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(STACK), *args], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -54,9 +54,9 @@ class Site:
         self.slow_flag, self.in_publish = folder / "slow", folder / "in-publish"
         self.marker = "%d.%s" % (PUBLISH_DELAY, name[1:])  # `sleep 8.<hex>`: this suite's sleeps, nobody else's
         wrapper = folder / "cvmfs_server"
-        wrapper.write_text("#!/bin/sh\nif [ \"$1\" = publish ] && [ -e '%s' ]; then : > '%s'; sleep %s; fi\n"
-                           "exec '%s' \"$@\"\n" % (self.slow_flag, self.in_publish, self.marker,
-                                                  stack["CVMFS_SERVER_BIN"]))
+        script = ("#!/bin/sh\nif [ \"$1\" = publish ] && [ -e '%s' ]; then : > '%s'; sleep %s; fi\nexec '%s' \"$@\"\n"
+                  % (self.slow_flag, self.in_publish, self.marker, stack["CVMFS_SERVER_BIN"]))
+        wrapper.write_text(script)
         wrapper.chmod(0o755)
         self.vars_file = folder / "fault-vars.yml"
         self.vars_file.write_text(yaml.safe_dump({"cvmfs_publisher_cvmfs_server_bin": str(wrapper),

@@ -338,7 +338,7 @@ class Broker:
         found: Dict[str, int] = {}
         kept = None
         try:
-            for _ in range(SWEEP_LIMIT):
+            for _looked in range(SWEEP_LIMIT):
                 method, properties, _body = channel.basic_get(self.dead_letter_queue, auto_ack=False)
                 if method is None:
                     break

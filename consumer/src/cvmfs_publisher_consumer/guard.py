@@ -67,7 +67,7 @@ def isolation_available() -> str:
     pid = os.fork()
     if pid == 0:
         os._exit(0 if _unshare_pid() else 1)
-    _, status = os.waitpid(pid, 0)
+    status = os.waitpid(pid, 0)[1]
     return PID_NAMESPACE if os.waitstatus_to_exitcode(status) == 0 else SUBREAPER
 
 
@@ -205,7 +205,7 @@ def _with_subreaper(argv) -> int:
             os._exit(127)
     while True:
         try:
-            _, status = os.waitpid(playbook, 0)
+            status = os.waitpid(playbook, 0)[1]
             break
         except InterruptedError:
             continue
