@@ -130,6 +130,14 @@ def settle(site, started, *daemons, timeout=SETTLE_TIMEOUT):
     return site.lost(), half, orphans, "%.0f s" % recovered
 
 
+def record(fault_table, site, fault, row):
+    """Add the fault's row to the table, then hold it to zero lost, zero half-published, zero orphans and no
+    transient dead letter left."""
+    fault_table.append((fault, 1) + tuple(row))
+    assert tuple(row[:3]) == (0, 0, 0), (fault, row)
+    assert not site.transient_dead_letters(), fault
+
+
 def wait_until(check, what, timeout=120):
     deadline = time.monotonic() + timeout
     while True:
@@ -192,8 +200,7 @@ def test_kill_9_of_the_daemon_inside_the_transaction(site, slow_publish, fault_t
     row = settle(site, killed, daemon)
     log = standin.publish_log(site.stack["CVMFS_STANDIN_ROOT"], site.fqrn)
     assert [entry["revision"] for entry in log] == list(range(len(log)))  # one after the other, none lost
-    fault_table.append(("kill -9 daemon in transaction", 1) + row)
-    assert row[:3] == (0, 0, 0), row
+    record(fault_table, site, "kill -9 daemon in transaction", row)
 
 
 def test_kill_9_of_the_playbook_inside_the_transaction(site, slow_publish, fault_table):
@@ -211,8 +218,7 @@ def test_kill_9_of_the_playbook_inside_the_transaction(site, slow_publish, fault
     assert failed["error"] == "ansible-playbook killed by signal 9 (SIGKILL)" and failed["outcome"] == "killed"
     wait_until(lambda: not run_processes(report), "processes of the killed run survived it", timeout=30)
     row = settle(site, killed, daemon)
-    fault_table.append(("kill -9 playbook in transaction", 1) + row)
-    assert row[:3] == (0, 0, 0), row
+    record(fault_table, site, "kill -9 playbook in transaction", row)
 
 
 def _environ(pid):
@@ -244,9 +250,7 @@ def test_broker_stopped_mid_burst(site, fault_table):
     finally:
         stack_cmd("start", "rabbitmq")
     row = settle(site, stopped, daemon)
-    fault_table.append(("broker stopped mid-burst", 1) + row)
-    assert row[:3] == (0, 0, 0), row
-    assert not site.transient_dead_letters()
+    record(fault_table, site, "broker stopped mid-burst", row)
 
 
 def test_radosgw_killed_during_a_sync(site, fault_table):
@@ -263,9 +267,7 @@ def test_radosgw_killed_during_a_sync(site, fault_table):
     daemon.wait_for(lambda e: e.get("event") == "dead_letters_cleared" and e.get("repository") == site.fqrn,
                     "the dead letters were not superseded by a full sync", timeout=SETTLE_TIMEOUT)
     row = settle(site, killed, daemon)
-    fault_table.append(("radosgw killed", 1) + row)
-    assert row[:3] == (0, 0, 0), row
-    assert not site.transient_dead_letters()
+    record(fault_table, site, "radosgw killed", row)
 
 
 def test_openbao_frozen_then_killed_during_provisioning(site, fault_table):
@@ -322,9 +324,7 @@ def test_gateway_lease_held_elsewhere(site, fault_table):
             gateway.save_leases([lease for lease in gateway.leases() if lease["token"] != "elsewhere"])
     released = time.monotonic()
     row = settle(site, released, daemon)
-    fault_table.append(("gateway lease held elsewhere", 1) + row)
-    assert row[:3] == (0, 0, 0), row
-    assert not site.transient_dead_letters()
+    record(fault_table, site, "gateway lease held elsewhere", row)
 
 
 def test_two_daemons_and_the_active_one_killed(site, fault_table):
@@ -340,6 +340,6 @@ def test_two_daemons_and_the_active_one_killed(site, fault_table):
     overlaps = sum(1 for (_s, end), (start, _e) in zip(intervals, intervals[1:]) if start < end)
     orphans = row[2] + len(run_processes(str(active.folder / "state") + "/"))
     row = row[:2] + (orphans, row[3])
-    fault_table.append(("two daemons, active one killed", 1) + row)
+    record(fault_table, site, "two daemons, active one killed", row)
     assert standby.runs(site.fqrn), "the standby daemon never took over"
-    assert row[:3] == (0, 0, 0) and overlaps == 0, (row, intervals)
+    assert overlaps == 0, intervals

@@ -71,6 +71,19 @@ def isolation_available() -> str:
     return PID_NAMESPACE if os.waitstatus_to_exitcode(status) == 0 else SUBREAPER
 
 
+def _spawn(argv, close=()) -> int:
+    """fork + exec of the playbook; the PID."""
+    pid = os.fork()
+    if pid == 0:
+        for fd in close:
+            os.close(fd)
+        try:
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    return pid
+
+
 # -- the run init: PID 1 of the run's namespace -----------------------------------------------------------------
 
 def _run_init(argv, guard_alive: int, report: int) -> None:
@@ -81,14 +94,7 @@ def _run_init(argv, guard_alive: int, report: int) -> None:
         os._exit(1)  # the guard died before we set PDEATHSIG (its end of the pipe closed)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
-    playbook = os.fork()
-    if playbook == 0:
-        os.close(report)
-        os.close(guard_alive)
-        try:
-            os.execv(argv[0], argv)
-        finally:
-            os._exit(127)
+    playbook = _spawn(argv, close=(report, guard_alive))
     while True:
         try:
             pid, status = os.wait()
@@ -197,12 +203,7 @@ def _with_subreaper(argv) -> int:
     expected = os.environ.get(DAEMON_PID_ENV)
     if expected and expected.isdigit() and os.getppid() != int(expected):
         stop()
-    playbook = os.fork()
-    if playbook == 0:
-        try:
-            os.execv(argv[0], argv)
-        finally:
-            os._exit(127)
+    playbook = _spawn(argv)
     while True:
         try:
             status = os.waitpid(playbook, 0)[1]
