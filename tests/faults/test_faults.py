@@ -14,7 +14,6 @@ orphan to publish after its daemon died, which the published revision log would 
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,12 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_playbook, stack_vars_file
+from helpers import consumer_e2e, run_playbook, stack_vars_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
-import test_consumer_e2e as e2e  # noqa: E402  (the daemon and bucket helpers of the end-to-end tests)
-
+e2e = consumer_e2e()  # the daemon and bucket helpers of the end-to-end tests
 standin, stacklib = e2e.standin, e2e.stacklib
 STACK = REPO_ROOT / "devstack" / "stack"
 PUBLISH_DELAY = 8          # seconds the slow wrapper holds a transaction open (an orphan would publish after it)
