@@ -487,7 +487,9 @@ def test_positions_above_the_fair_share_are_given_up_and_who_is_active_is_report
     daemon._start_ready()
     started(daemon, 1)
     daemon._next_spread = 0
-    daemon._spread()
+    daemon._spread()                                       # asks for the view (in the background) ...
+    daemon._view.result(timeout=10)
+    daemon._spread()                                       # ... and acts on it
     assert daemon.broker.released == ["bob", "carol"]     # 4 of 4 with 2 hosts: 2 go, idle ones only
     assert {"bob", "carol"} <= set(daemon.broker.callbacks)  # subscribed again, as a standby
     status = StatusFile.read(daemon.config["state_dir"])

@@ -10,7 +10,7 @@ import queue
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Dict, Optional, Set
 
@@ -60,6 +60,8 @@ class Daemon:
                                                    config["amqp.user"], password, config["amqp.ca_cert"])
         self.placement: Dict = {}   # spread.summary of the last look: active, standby, hosts
         self._next_spread = 0.0
+        self._view: Optional[Future] = None   # the management API is read off the I/O thread (heartbeats go on)
+        self._viewer = ThreadPoolExecutor(1, thread_name_prefix="spread")
         self.runner = runner or PlaybookRunner(config.section("ansible"), state_dir, secrets=known_secrets(config))
         self.metrics = metrics or Metrics()
         self.status = StatusFile(state_dir, clock=clock)
@@ -212,6 +214,7 @@ class Daemon:
             while self._in_flight:
                 self._pump()
         self._pool.shutdown(wait=True)
+        self._viewer.shutdown(wait=False)
         self.broker.close()
         self.metrics.set_connected(False)
         self._save_status()
@@ -245,19 +248,25 @@ class Daemon:
         self.metrics.repositories.set(sum(1 for short in self.repositories if self.broker.consuming(short)))
 
     def _spread(self):
-        """Every ``cluster.spread_interval``: look at who is active for what, give up the positions above this
-        host's fair share (spread.py)."""
-        now = time.monotonic()
-        if self.management is None or now < self._next_spread:
+        """Every ``cluster.spread_interval``: look at who is active for what (read in the background), then give up
+        the positions above this host's fair share (spread.py)."""
+        if self.management is None:
             return
-        self._next_spread = now + self.config["cluster.spread_interval"]
-        queues = [short for short in self.repositories if self.broker.consuming(short)]
+        if self._view is None:
+            if time.monotonic() >= self._next_spread:
+                self._view = self._viewer.submit(self.management.view)
+            return
+        if not self._view.done():
+            return
+        looked, self._view = self._view, None
+        self._next_spread = time.monotonic() + self.config["cluster.spread_interval"]
         try:
-            view = self.management.view()
+            view = looked.result()
         except OSError as exc:
             log.warning("cannot read who is active for what from the management API: %s", exc,
                         extra=fields(event="spread_view_failed", error_type=type(exc).__name__))
             return
+        queues = [short for short in self.repositories if self.broker.consuming(short)]
         for short in spread.to_give_up(view, self.host_id, queues, self._idle):
             fqrn = self.repositories[short]
             log.info("giving up the active position on %s (above this host's fair share)", short,
