@@ -31,7 +31,7 @@ SPREAD_INTERVAL = 2
 # A host killed inside a transaction leaves its gateway lease behind: the gateway's max_lease_time (the stand-in's
 # CVMFS_STANDIN_LEASE_SECONDS) bounds how long the repository's new writer retries (lease busy) before it can publish.
 LEASE_SECONDS = 20
-WAIT = 300   # generous bound of every wait; the figures printed are what the run actually took
+WAIT = 900   # generous bound of every wait; the figures printed are what the run actually took
 
 
 class Host:
