@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
-.PHONY: all install apt venv eda-venv collection demo demo-down test test-unit test-integration stack-up stack-down lint clean distclean
+.PHONY: all install apt venv eda-venv collection dist demo demo-down test test-unit test-integration stack-up stack-down lint clean distclean
 
 all: install
 
@@ -41,7 +41,7 @@ apt: .build/apt.stamp
 	@touch $@
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: requirements.txt requirements-dev.txt consumer/pyproject.toml
+$(VENV)/.stamp: requirements.txt requirements-dev.txt consumer/requirements.txt consumer/pyproject.toml consumer/setup.py galaxy.yml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e consumer
@@ -57,6 +57,17 @@ collection: $(COLLECTION_LINK)
 $(COLLECTION_LINK):
 	@mkdir -p $(dir $@)
 	@ln -sfn $(ROOT) $@
+
+# The two release artifacts, one version (galaxy.yml's): the collection tarball and the consumer daemon's wheel
+# (and sdist), built from a clean copy (tracked and new files, nothing git ignores) into dist/.
+dist: install lint-install
+	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; \
+	src=$(ROOT)/.build/dist-src/ansible_collections/infn_cloud/cvmfs_publisher; rm -rf $(ROOT)/.build/dist-src; \
+	mkdir -p $$src dist; \
+	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $$src; \
+	ansible-galaxy collection build --force --output-path dist $$src; \
+	$(PY) -m build --outdir dist $$src/consumer >/dev/null; \
+	ls -1 dist/*$$(sed -n 's/^version: *//p' galaxy.yml)*
 
 demo: install
 	@DEVSTACK_DIR=$(DEMO_STACK_DIR) DEVSTACK_PORT_BASE=$(DEMO_STACK_PORT_BASE) $(PY) devstack/demo.py
@@ -107,7 +118,9 @@ test-unit: install
 # check CHANGELOG.md is what changelogs/changelog.yaml renders; run ansible-test sanity on the
 # tarball's content (what operators and Galaxy get), install it into a scratch path and render every module's and
 # role's documentation with ansible-doc from there; antsibull-docs lints the installed collection's documentation
-# (markup, references between options, modules and roles).
+# (markup, references between options, modules and roles). Packaging: the consumer wheel builds with galaxy.yml's
+# version; ansible-builder sees the collection's Python and system dependencies (meta/execution-environment.yml) and
+# writes the build context of docs/examples/execution-environment.yml (no container engine).
 lint: install lint-install
 	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; failed=""; \
 	lint_dir=$(ROOT)/.build/lint; collection=ansible_collections/infn_cloud/cvmfs_publisher; \
@@ -119,6 +132,9 @@ lint: install lint-install
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null \
 	  | tar -xf - -C $$lint_dir/src/$$collection; \
 	ansible-galaxy collection build --output-path $$lint_dir/dist $$lint_dir/src/$$collection; \
+	echo "== consumer wheel"; version=$$(sed -n 's/^version: *//p' galaxy.yml); \
+	(python -m build --no-isolation --wheel --outdir $$lint_dir/wheel $$lint_dir/src/$$collection/consumer >/dev/null \
+	  && test -f $$lint_dir/wheel/cvmfs_publisher_consumer-$$version-py3-none-any.whl) || failed="$$failed consumer-wheel"; \
 	echo "== changelog"; \
 	(antsibull-changelog lint && antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml \
 	  && (cd $$lint_dir/src/$$collection && antsibull-changelog generate) \
@@ -144,6 +160,14 @@ lint: install lint-install
 	for role in $$(ls $$lint_dir/sanity/$$collection/roles); do \
 	  ansible-doc -t role infn_cloud.cvmfs_publisher.$$role >/dev/null || failed="$$failed ansible-doc:$$role"; \
 	done; \
+	echo "== execution environment"; \
+	ee_deps=$$(ansible-builder introspect --sanitize $$lint_dir/installed) || failed="$$failed ee-introspect"; \
+	for dep in hvac boto3 botocore tar; do \
+	  grep -q "^- '$$dep[^a-z0-9_-].*from collection infn_cloud.cvmfs_publisher" <<<"$$ee_deps" \
+	    || { echo "ansible-builder does not see $$dep in the collection's dependencies" >&2; failed="$$failed ee-deps:$$dep"; }; \
+	done; \
+	ansible-builder create --file docs/examples/execution-environment.yml --context $$lint_dir/ee >/dev/null \
+	  || failed="$$failed ansible-builder-create"; \
 	echo "== antsibull-docs lint-collection-docs"; \
 	antsibull-docs lint-collection-docs --plugin-docs $$lint_dir/installed/$$collection \
 	  || failed="$$failed antsibull-docs"; \

@@ -1,6 +1,7 @@
 """``cvmfs-publisher run | status | check-config | dlq ...`` (exit 2 on a bad configuration)."""
 import argparse
 import datetime
+import importlib.metadata
 import json
 import logging
 import sys
@@ -90,11 +91,20 @@ def cmd_status(config, args) -> int:
     return rc
 
 
+def version() -> str:
+    """The installed package's version: the collection's (consumer/setup.py reads it from galaxy.yml)."""
+    try:
+        return importlib.metadata.version("cvmfs-publisher-consumer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvmfs-publisher", description="Publish S3 buckets into CVMFS repositories, "
                                 "driven by RabbitMQ events, through ansible-runner.")
     p.add_argument("-c", "--config", help="configuration file (default: $CVMFS_PUBLISHER_CONFIG or "
                    "/etc/cvmfs-publisher/config.yml)")
+    p.add_argument("--version", action="version", version="%(prog)s " + version())
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the daemon (logs JSON lines to stdout; stops on SIGTERM)")
     status = sub.add_parser("status", help="per repository: queue depth, last publish, last error")
