@@ -16,6 +16,7 @@ import pytest
 import yaml
 from helpers import VENV_BIN, ansible_env
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +161,8 @@ def test_module_requirements_are_ranges_and_the_daemon_pins_each_inside_its_rang
     pins = requirements("consumer/requirements.txt")
     assert set(ranges) == {"hvac", "boto3", "botocore"}
     for name, req in ranges.items():
-        assert not any(spec.operator == "==" for spec in req.specifier), f"{name} is pinned in requirements.txt"
+        assert req.specifier and all(spec.operator == ">=" for spec in req.specifier), \
+            f"{name}: requirements.txt has {req.specifier}, lower bounds only (execution environments combine them)"
         assert name in pins, f"consumer/requirements.txt does not pin {name}"
         (pin,) = pins[name].specifier
         assert pin.operator == "==" and req.specifier.contains(pin.version), \
@@ -175,3 +177,16 @@ def test_daemon_pins_everything_the_consumer_needs():
         name = canonicalize_name(dependency.name)
         assert name in pins, f"consumer/requirements.txt does not pin {name}"
         assert dependency.specifier.contains(next(iter(pins[name].specifier)).version), name
+
+
+def test_requires_ansible_is_the_ansible_core_minor_that_is_tested():
+    """meta/runtime.yml promises the ansible-core release make lint runs ansible-test sanity with (the daemon's
+    pin, which the dev venv installs), its whole minor and nothing else."""
+    promised = SpecifierSet(yaml.safe_load((ROOT / "meta/runtime.yml").read_text())["requires_ansible"])
+    (pin,) = requirements("consumer/requirements.txt")["ansible-core"].specifier
+    major, minor, _ = pin.version.split(".")
+    assert promised.contains(pin.version) and promised.contains(f"{major}.{minor}.0"), promised
+    assert not promised.contains(f"{major}.{int(minor) - 1}.99"), f"{promised} promises an untested older minor"
+    assert not promised.contains(f"{major}.{int(minor) + 1}.0"), f"{promised} promises an untested newer minor"
+    import ansible.release
+    assert ansible.release.__version__ == pin.version, "the venv runs another ansible-core than the pin"
