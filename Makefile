@@ -60,13 +60,13 @@ $(COLLECTION_LINK):
 
 # The two release artifacts, one version (galaxy.yml's): the collection tarball and the consumer daemon's wheel
 # (and sdist), built from a clean copy (tracked and new files, nothing git ignores) into dist/.
-dist: install lint-install
+dist: install
 	@set -euo pipefail; export PATH="$(VENV)/bin:$$PATH"; \
 	src=$(ROOT)/.build/dist-src/ansible_collections/infn_cloud/cvmfs_publisher; rm -rf $(ROOT)/.build/dist-src; \
 	mkdir -p $$src dist; \
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $$src; \
 	ansible-galaxy collection build --force --output-path dist $$src; \
-	$(PY) -m build --outdir dist $$src/consumer >/dev/null; \
+	out=$$($(PY) -m build --no-isolation --outdir dist $$src/consumer 2>&1) || { echo "$$out" >&2; exit 1; }; \
 	ls -1 dist/*$$(sed -n 's/^version: *//p' galaxy.yml)*
 
 demo: install
@@ -133,8 +133,9 @@ lint: install lint-install
 	  | tar -xf - -C $$lint_dir/src/$$collection; \
 	ansible-galaxy collection build --output-path $$lint_dir/dist $$lint_dir/src/$$collection; \
 	echo "== consumer wheel"; version=$$(sed -n 's/^version: *//p' galaxy.yml); \
-	(python -m build --no-isolation --wheel --outdir $$lint_dir/wheel $$lint_dir/src/$$collection/consumer >/dev/null \
-	  && test -f $$lint_dir/wheel/cvmfs_publisher_consumer-$$version-py3-none-any.whl) || failed="$$failed consumer-wheel"; \
+	(out=$$(python -m build --no-isolation --wheel --outdir $$lint_dir/wheel $$lint_dir/src/$$collection/consumer 2>&1) \
+	  || { echo "$$out" >&2; false; }; test -f $$lint_dir/wheel/cvmfs_publisher_consumer-$$version-py3-none-any.whl) \
+	  || failed="$$failed consumer-wheel"; \
 	echo "== changelog"; \
 	(antsibull-changelog lint && antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml \
 	  && (cd $$lint_dir/src/$$collection && antsibull-changelog generate) \
@@ -180,7 +181,7 @@ $(VENV)/.lint.stamp: requirements-lint.txt $(VENV)/.stamp
 	@touch $@
 
 clean:
-	rm -rf .build tests/output .pytest_cache
+	rm -rf .build tests/output .pytest_cache dist consumer/build
 
 distclean: clean
 	-DEVSTACK_DIR=$(TEST_STACK_DIR) devstack/cluster down
