@@ -58,7 +58,7 @@ def connection_candidates(settings: Dict, password: str) -> List[pika.Connection
     RabbitMQ cluster): pika tries them in turn on every (re)connect."""
     candidates = [connection_parameters(settings, password)]
     for entry in settings.get("fallback_hosts") or []:
-        host, _, port = entry.rpartition(":")
+        host, _colon, port = entry.rpartition(":")
         candidates.append(connection_parameters(dict(settings, host=host, port=int(port)), password))
     return candidates
 

@@ -198,7 +198,7 @@ def _check_relations(values):
     if values["queues.registry"] in (values["queues.publisher"], values["queues.dead_letter"]):
         raise ConfigError("queues.registry: must differ from queues.publisher and queues.dead_letter")
     for index, entry in enumerate(values["amqp.fallback_hosts"]):
-        host, _, port = str(entry).rpartition(":")
+        host, _colon, port = str(entry).rpartition(":")
         if not isinstance(entry, str) or not host or not port.isdigit() or not 0 < int(port) <= 65535:
             raise ConfigError("amqp.fallback_hosts[%d]: expected host:port, got %r" % (index, entry))
     for index, url in enumerate(values["cluster.management_urls"]):
