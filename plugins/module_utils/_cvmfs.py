@@ -31,7 +31,6 @@ CVMFS_ARGSPEC = dict(
 )
 
 DEFAULT_KEYS_DIR = "/etc/cvmfs/keys"
-DEFAULT_TXN_DIR = "/srv/cvmfs/{fqrn}/data/txn"
 
 # cvmfs_publish exit codes (cvmfs/publish/cmd_transaction.cc), kept so callers can tell them apart.
 RC_NOT_FOUND = 1
@@ -62,10 +61,6 @@ class CvmfsCommandError(CvmfsError):
             command=shown, rc=rc, stderr=tail)
 
 
-class RepositoryMismatch(CvmfsError):
-    """The repository exists but was created with other settings; it is never recreated behind an operator's back."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers
 
@@ -75,19 +70,6 @@ def rooted(root, path):
     if not root:
         return path
     return os.path.join(root, path.lstrip("/"))
-
-
-def upstream_storage(txn_dir, gateway_url):
-    """The ``-u`` argument (and ``CVMFS_UPSTREAM_STORAGE``) of a gateway repository."""
-    for what, value in (("txn_dir", txn_dir), ("gateway_url", gateway_url)):
-        if not value or "," in value:
-            raise CvmfsError("%s %r must be non-empty and contain no comma (it is a field of -u gw,<txn_dir>,"
-                             "<gateway_url>)" % (what, value))
-    return "gw,%s,%s" % (txn_dir, gateway_url)
-
-
-def default_txn_dir(fqrn):
-    return DEFAULT_TXN_DIR.format(fqrn=fqrn)
 
 
 def _strip_shell_comment(line):
@@ -157,16 +139,6 @@ def display_command(argv):
 def stderr_tail(text, lines=STDERR_TAIL_LINES):
     text = (text or "").strip()
     return "\n".join(text.splitlines()[-lines:])
-
-
-def repository_mismatches(config, stratum0_url, upstream):
-    """The differences between an existing repository's server.conf values and the wanted ones, as messages."""
-    problems = []
-    for key, wanted in (("CVMFS_STRATUM0", stratum0_url), ("CVMFS_UPSTREAM_STORAGE", upstream)):
-        actual = config.get(key)
-        if actual != wanted:
-            problems.append("%s is %r, wanted %r" % (key, actual, wanted))
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,11 +233,23 @@ class CvmfsServer:
             raise CvmfsCommandError(argv, rc, stdout, stderr)
         return rc, stdout, stderr
 
-    def mkfs(self, fqrn, stratum0_url, upstream, keys_dir, owner):
-        return self.run("mkfs", "-w", stratum0_url, "-u", upstream, "-k", keys_dir, "-o", owner, fqrn)
+    def command(self, *args):
+        """The command line ``run(*args)`` runs, fit for messages and results (see display_command)."""
+        return display_command([self.binary] + [str(arg) for arg in args])
 
-    def rmfs(self, fqrn, keep_keys=False):
-        return self.run("rmfs", "-f", *(["-p"] if keep_keys else []) + [fqrn])
+    def mkfs(self, fqrn, stratum0_url, upstream, keys_dir, owner, check_mode=False):
+        """Create a gateway repository; returns the command line, which only runs outside check mode."""
+        args = ("mkfs", "-w", stratum0_url, "-u", upstream, "-k", keys_dir, "-o", owner, fqrn)
+        if not check_mode:
+            self.run(*args)
+        return self.command(*args)
+
+    def rmfs(self, fqrn, keep_keys=False, check_mode=False):
+        """Remove a repository (``-p``: keep its keys); returns the command line, run only outside check mode."""
+        args = ("rmfs", "-f") + (("-p",) if keep_keys else ()) + (fqrn,)
+        if not check_mode:
+            self.run(*args)
+        return self.command(*args)
 
     def transaction(self, fqrn, retry_timeout=None, subpath=None):
         """Open a transaction (a gateway lease on ``subpath`` when given); ``retry_timeout`` seconds of retries

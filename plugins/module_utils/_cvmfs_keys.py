@@ -19,7 +19,8 @@ import pwd
 import stat
 import tempfile
 
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._cvmfs import CvmfsError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._cvmfs import DEFAULT_KEYS_DIR, CvmfsError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import validate_fqrn
 
 # The keys folder option (doc_fragments/cvmfs.py KEYS); an actual path, never prefixed by cvmfs_root.
 KEYS_DIR_ARGSPEC = dict(keys_dir=dict(type="path", no_log=False))
@@ -162,3 +163,54 @@ def remove_file(path, check_mode):
         except (IOError, OSError) as exc:
             raise CvmfsError("cannot remove %s: %s" % (path, exc.strerror or exc))
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What vault_repository_keys does
+
+
+def ensure_keys(params, check_mode, read_material):
+    """vault_repository_keys: install (state present) or remove the three key files; returns the module result.
+
+    ``read_material(params, fqrn, fields)`` returns ({Vault field: text}, the secret's path for the result)
+    (``_vault.read_repository_keys``)."""
+    fqrn = validate_fqrn(params["repository"])
+    keys_dir = params["keys_dir"] or DEFAULT_KEYS_DIR
+    if params["state"] != "present":
+        return _remove_keys(keys_dir, fqrn, check_mode)
+    uid = resolve_uid(params["owner"])
+    gid = resolve_gid(params["file_group"])
+    material, path = read_material(params, fqrn, [field for _s, field, _m in KEY_FILES])
+    created_dir = ensure_directory(keys_dir, check_mode)
+    plans = []
+    for (_suffix, field, mode), file_path in zip(KEY_FILES, key_file_paths(keys_dir, fqrn)):
+        data = material[field].encode("utf-8")
+        plan = plan_key_file(file_path, data, mode, uid, gid)
+        if plan["changes"] and not check_mode:
+            apply_key_file(plan, data, mode, uid, gid)
+        plans.append(plan)
+    result = _report(plans)
+    result["path"] = path
+    result["changed"] = result["changed"] or created_dir
+    return result
+
+
+def _remove_keys(keys_dir, fqrn, check_mode):
+    plans = []
+    for file_path in key_file_paths(keys_dir, fqrn):
+        existing = os.path.lexists(file_path)
+        before = dict(exists=existing)
+        if existing:
+            before["mode"] = "%04o" % (os.lstat(file_path).st_mode & 0o7777)
+        remove_file(file_path, check_mode)
+        plans.append(dict(path=file_path, mode=None, changes=["removed"] if existing else [],
+                          before=before, after=dict(exists=False)))
+    return _report(plans)
+
+
+def _report(plans):
+    """Result and diff from the per-file plans (which hold fingerprints and modes, never key bytes)."""
+    files = [dict(path=p["path"], mode=p["mode"], changed=bool(p["changes"]), changes=p["changes"]) for p in plans]
+    diff = dict(before=dict((p["path"], p["before"]) for p in plans),
+                after=dict((p["path"], p["after"]) for p in plans))
+    return dict(changed=any(f["changed"] for f in files), files=files, diff=diff)

@@ -52,22 +52,6 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._sync_s
     state_from_published,
 )
 
-SYNC_ARGSPEC = dict(
-    repository=dict(type="str", required=True, aliases=["fqrn", "name"]),
-    bucket=dict(type="str"),
-    prefix=dict(type="str", default=naming.DEFAULT_PREFIX),
-    mode=dict(type="str", choices=["changes", "full"], default="full"),
-    keys=dict(type="list", elements="str", default=[], no_log=False),
-    tarballs=dict(type="bool", default=True),
-    concurrency=dict(type="int", default=16),
-    state_dir=dict(type="path"),
-    staging_dir=dict(type="path"),
-    abort_stale_transaction=dict(type="bool", default=True),
-    transaction_retries=dict(type="int", default=5),
-    max_reported_paths=dict(type="int", default=100),
-    report_key=dict(type="str", default=refusals_mod.DEFAULT_REPORT_KEY, no_log=False),
-    **tarball.LIMIT_OPTIONS
-)
 DEFAULT_STATE_DIR = "/var/lib/cvmfs-publisher/state"
 DEFAULT_STAGING_DIR = "/var/spool/cvmfs-publisher/staging"
 
@@ -97,7 +81,7 @@ class SyncSettings:
 
     @classmethod
     def from_params(cls, params):
-        """From the cvmfs_sync options (SYNC_ARGSPEC plus ``cvmfs_root``); an invalid name is a SyncError."""
+        """From the cvmfs_sync options (its ARGUMENT_SPEC plus ``cvmfs_root``); an invalid name is a SyncError."""
         fqrn = params["repository"]
         try:
             naming.validate_fqrn(fqrn)

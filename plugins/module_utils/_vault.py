@@ -16,6 +16,7 @@ __metaclass__ = type
 import re
 
 from ansible.module_utils.basic import env_fallback
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import vault_keys_path
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
     PublisherError,
     secret_option,
@@ -158,3 +159,16 @@ def repository_key_material(client, mount, path, fqrn, fields):
             fqrn, mount, path, "s" if len(missing) > 1 else "", ", ".join(missing),
             ", ".join(sorted(data)) or "none"))
     return dict((field, data[field]) for field in fields)
+
+
+def read_repository_keys(params, fqrn, fields):
+    """Log in (AppRole), read the repository's key ``fields`` from ``<kv_mount>/<vault_keys_path>``, log out.
+
+    Returns ({field: text}, the secret's path as shown to the operator)."""
+    path = vault_keys_path(fqrn, params["subject"], params["group"])
+    mount = params["kv_mount"]
+    client = VaultClient.login(params)
+    try:
+        return repository_key_material(client, mount, path, fqrn, fields), "%s/%s" % (mount, path)
+    finally:
+        client.logout()

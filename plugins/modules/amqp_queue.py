@@ -182,6 +182,7 @@ actions:
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import DEFAULT_EXCHANGE
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rabbitmq import (
     RABBITMQ_ARGUMENT_SPEC,
     RABBITMQ_MUTUALLY_EXCLUSIVE,
@@ -193,7 +194,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rabbit
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
     state=dict(type="str", choices=["present", "absent"], default="present"),
-    exchange=dict(type="str", default="notification"),
+    exchange=dict(type="str", default=DEFAULT_EXCHANGE),
     routing_key=dict(type="str", no_log=False),
     single_active_consumer=dict(type="bool", default=True),
     delivery_limit=dict(type="int"),

@@ -44,12 +44,14 @@ attributes:
       - infn_cloud.cvmfs_publisher.cvmfs
       - infn_cloud.cvmfs_publisher.all
 options:
-  name:
+  repository:
     description:
       - Fully qualified name of the repository, for example C(alice.infn.it).
+      - The same option name as in M(infn_cloud.cvmfs_publisher.cvmfs_sync) and
+        M(infn_cloud.cvmfs_publisher.vault_repository_keys); C(name) is kept as an alias.
     type: str
     required: true
-    aliases: [fqrn, repository]
+    aliases: [fqrn, name]
   state:
     description:
       - Whether the repository should exist.
@@ -99,14 +101,14 @@ seealso:
 EXAMPLES = r"""
 - name: Create alice.infn.it as a gateway publisher
   infn_cloud.cvmfs_publisher.cvmfs_repository:
-    name: alice.infn.it
+    repository: alice.infn.it
     stratum0_url: https://stratum0.example.org/cvmfs/alice.infn.it
     gateway_url: https://gateway.example.org:4929/api/v1
     owner: cvmfs
 
 - name: Remove it but keep its keys
   infn_cloud.cvmfs_publisher.cvmfs_repository:
-    name: alice.infn.it
+    repository: alice.infn.it
     state: absent
     keep_keys: true
 """
@@ -146,91 +148,30 @@ command:
   sample: cvmfs_server rmfs -f alice.infn.it
 """
 
-import pwd
-import os
-
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_keys as keys
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
-    PublisherModule,
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._cvmfs_repository import ensure_repository
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+
+ARGUMENT_SPEC = dict(
+    repository=dict(type="str", required=True, aliases=["fqrn", "name"]),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    stratum0_url=dict(type="str"),
+    gateway_url=dict(type="str"),
+    txn_dir=dict(type="str"),
+    owner=dict(type="str"),
+    keep_keys=dict(type="bool", default=False, no_log=False),
 )
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import validate_fqrn
-
-DIFF_KEYS = ("exists", "stratum0", "upstream")
-
-
-def ensure_present(module, server, fqrn):
-    params = module.params
-    stratum0 = params["stratum0_url"]
-    upstream = cvmfs.upstream_storage(params["txn_dir"] or cvmfs.default_txn_dir(fqrn), params["gateway_url"])
-    before = server.repository_facts(fqrn)
-    if before["exists"]:
-        problems = cvmfs.repository_mismatches(
-            {"CVMFS_STRATUM0": before["stratum0"], "CVMFS_UPSTREAM_STORAGE": before["upstream"]}, stratum0, upstream)
-        if problems:
-            raise cvmfs.RepositoryMismatch(
-                "repository %s exists with other settings (%s); it is not recreated: remove it first if that is "
-                "intended" % (fqrn, "; ".join(problems)), repository=before)
-        return dict(changed=False, repository=before), before, before
-    keys_dir = params["keys_dir"] or server.default_keys_dir()
-    owner = params["owner"] or pwd.getpwuid(os.geteuid()).pw_name
-    argv = ["mkfs", "-w", stratum0, "-u", upstream, "-k", keys_dir, "-o", owner, fqrn]
-    predicted = dict(before, exists=True, stratum0=stratum0, upstream=upstream, owner=owner, in_transaction=False)
-    result = dict(changed=True, command=cvmfs.display_command([server.binary] + argv))
-    if module.check_mode:
-        return dict(result, repository=predicted), before, predicted
-    missing = keys.missing_key_files(keys_dir, fqrn)
-    if missing:
-        raise cvmfs.CvmfsError("cannot create %s: key file%s %s missing (install the keys first, e.g. with "
-                               "infn_cloud.cvmfs_publisher.vault_repository_keys)"
-                               % (fqrn, "s" if len(missing) > 1 else "", ", ".join(missing)))
-    server.mkfs(fqrn, stratum0, upstream, keys_dir, owner)
-    after = server.repository_facts(fqrn)
-    if not after["exists"]:
-        raise cvmfs.CvmfsError("%s succeeded but %s does not exist" % (result["command"], server.server_conf(fqrn)))
-    return dict(result, repository=after), before, after
-
-
-def ensure_absent(module, server, fqrn):
-    before = server.repository_facts(fqrn)
-    absent = dict(name=fqrn, exists=False, stratum0=None, upstream=None, owner=None, in_transaction=False)
-    if not before["exists"]:
-        return dict(changed=False, repository=before), before, before
-    argv = ["rmfs", "-f"] + (["-p"] if module.params["keep_keys"] else []) + [fqrn]
-    result = dict(changed=True, command=cvmfs.display_command([server.binary] + argv))
-    if not module.check_mode:
-        server.rmfs(fqrn, keep_keys=module.params["keep_keys"])
-        absent = server.repository_facts(fqrn)
-        if absent["exists"]:
-            raise cvmfs.CvmfsError("%s succeeded but %s still exists" % (result["command"], server.server_conf(fqrn)))
-    return dict(result, repository=absent), before, absent
 
 
 def main():
     module = PublisherModule(
-        argument_spec=dict(
-            name=dict(type="str", required=True, aliases=["fqrn", "repository"]),
-            state=dict(type="str", default="present", choices=["present", "absent"]),
-            stratum0_url=dict(type="str"),
-            gateway_url=dict(type="str"),
-            txn_dir=dict(type="str"),
-            owner=dict(type="str"),
-            keep_keys=dict(type="bool", default=False, no_log=False),
-        ),
+        ARGUMENT_SPEC,
         option_sets=(cvmfs.CVMFS_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         required_if=[["state", "present", ["stratum0_url", "gateway_url"]]],
     )
-
-    def run(module):
-        fqrn = validate_fqrn(module.params["name"])
-        server = cvmfs.CvmfsServer.for_module(module)
-        ensure = ensure_present if module.params["state"] == "present" else ensure_absent
-        result, before, after = ensure(module, server, fqrn)
-        result["diff"] = dict(before=dict((k, before[k]) for k in DIFF_KEYS),
-                              after=dict((k, after[k]) for k in DIFF_KEYS))
-        return result
-
-    module.run(run)
+    module.run(lambda module: ensure_repository(cvmfs.CvmfsServer.for_module(module), module.params,
+                                                module.check_mode))
 
 
 if __name__ == "__main__":

@@ -269,6 +269,26 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client as rgw
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync as sync
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import DEFAULT_PREFIX
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._refusals import DEFAULT_REPORT_KEY
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._tarball import LIMIT_OPTIONS
+
+ARGUMENT_SPEC = dict(
+    repository=dict(type="str", required=True, aliases=["fqrn", "name"]),
+    bucket=dict(type="str"),
+    prefix=dict(type="str", default=DEFAULT_PREFIX),
+    mode=dict(type="str", choices=["changes", "full"], default="full"),
+    keys=dict(type="list", elements="str", default=[], no_log=False),
+    tarballs=dict(type="bool", default=True),
+    concurrency=dict(type="int", default=16),
+    state_dir=dict(type="path"),
+    staging_dir=dict(type="path"),
+    abort_stale_transaction=dict(type="bool", default=True),
+    transaction_retries=dict(type="int", default=5),
+    max_reported_paths=dict(type="int", default=100),
+    report_key=dict(type="str", default=DEFAULT_REPORT_KEY, no_log=False),
+    **LIMIT_OPTIONS
+)
 
 
 def diff_of(result):
@@ -281,7 +301,7 @@ def diff_of(result):
 
 def main():
     module = PublisherModule(
-        argument_spec=sync.SYNC_ARGSPEC,
+        argument_spec=ARGUMENT_SPEC,
         option_sets=(rgw.RGW_ARGUMENT_SPEC, cvmfs.CVMFS_ARGSPEC),
         mutually_exclusive=rgw.RGW_MUTUALLY_EXCLUSIVE,
     )

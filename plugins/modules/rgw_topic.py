@@ -183,6 +183,7 @@ notifications_need_refresh:
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import DEFAULT_EXCHANGE
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     RGW_ARGUMENT_SPEC,
     RGW_MUTUALLY_EXCLUSIVE,
@@ -197,7 +198,7 @@ ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
     state=dict(type="str", choices=["present", "absent"], default="present"),
     push_endpoint=dict(type="str", no_log=False),
-    amqp_exchange=dict(type="str", default="notification"),
+    amqp_exchange=dict(type="str", default=DEFAULT_EXCHANGE),
     amqp_ack_level=dict(type="str", choices=["none", "broker", "routable"], default="broker"),
     verify_ssl=dict(type="bool", default=True),
     ca_location=dict(type="str", default=""),

@@ -155,93 +155,31 @@ files:
     - {path: /etc/cvmfs/keys/alice.infn.it.gw, mode: "0400", changed: true, changes: [content changed]}
 """
 
-import os
-
 from ansible.module_utils.basic import missing_required_lib
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_keys as keys
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _vault as vault
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import (
-    PublisherModule,
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+
+ARGUMENT_SPEC = dict(
+    repository=dict(type="str", required=True, aliases=["fqrn"]),
+    subject=dict(type="str"),
+    group=dict(type="str"),
+    owner=dict(type="str"),
+    file_group=dict(type="str"),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
 )
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import (
-    validate_fqrn,
-    vault_keys_path,
-)
-
-
-def install_keys(module, fqrn, keys_dir):
-    params = module.params
-    uid = keys.resolve_uid(params["owner"])
-    gid = keys.resolve_gid(params["file_group"])
-    path = vault_keys_path(fqrn, params["subject"], params["group"])
-    mount = params["kv_mount"]
-    client = vault.VaultClient.login(params)
-    try:
-        fields = [field for _s, field, _m in keys.KEY_FILES]
-        material = vault.repository_key_material(client, mount, path, fqrn, fields)
-    finally:
-        client.logout()
-    created_dir = keys.ensure_directory(keys_dir, module.check_mode)
-    plans = []
-    for (_suffix, field, mode), file_path in zip(keys.KEY_FILES, keys.key_file_paths(keys_dir, fqrn)):
-        data = material[field].encode("utf-8")
-        plan = keys.plan_key_file(file_path, data, mode, uid, gid)
-        if plan["changes"] and not module.check_mode:
-            keys.apply_key_file(plan, data, mode, uid, gid)
-        plans.append(plan)
-    result = report(plans)
-    result["path"] = "%s/%s" % (mount, path)
-    result["changed"] = result["changed"] or created_dir
-    return result
-
-
-def remove_keys(module, fqrn, keys_dir):
-    plans = []
-    for file_path in keys.key_file_paths(keys_dir, fqrn):
-        existing = os.path.lexists(file_path)
-        before = dict(exists=existing)
-        if existing:
-            before["mode"] = "%04o" % (os.lstat(file_path).st_mode & 0o7777)
-        keys.remove_file(file_path, module.check_mode)
-        plans.append(dict(path=file_path, mode=None, changes=["removed"] if existing else [],
-                          before=before, after=dict(exists=False)))
-    return report(plans)
-
-
-def report(plans):
-    """Result and diff from the per-file plans (which hold fingerprints and modes, never key bytes)."""
-    files = [dict(path=p["path"], mode=p["mode"], changed=bool(p["changes"]), changes=p["changes"]) for p in plans]
-    diff = dict(before=dict((p["path"], p["before"]) for p in plans),
-                after=dict((p["path"], p["after"]) for p in plans))
-    return dict(changed=any(f["changed"] for f in files), files=files, diff=diff)
 
 
 def main():
     module = PublisherModule(
-        argument_spec=dict(
-            repository=dict(type="str", required=True, aliases=["fqrn"]),
-            subject=dict(type="str"),
-            group=dict(type="str"),
-            owner=dict(type="str"),
-            file_group=dict(type="str"),
-            state=dict(type="str", default="present", choices=["present", "absent"]),
-        ),
+        ARGUMENT_SPEC,
         option_sets=(vault.VAULT_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         mutually_exclusive=vault.VAULT_MUTUALLY_EXCLUSIVE + [["subject", "group"]],
         required_if=[["state", "present", ["subject", "group"], True]],
     )
     if module.params["state"] == "present" and not vault.HAS_HVAC:
         module.fail_json(msg=missing_required_lib("hvac"))
-
-    def run(module):
-        fqrn = validate_fqrn(module.params["repository"])
-        keys_dir = module.params["keys_dir"] or cvmfs.DEFAULT_KEYS_DIR
-        if module.params["state"] == "present":
-            return install_keys(module, fqrn, keys_dir)
-        return remove_keys(module, fqrn, keys_dir)
-
-    module.run(run)
+    module.run(lambda module: keys.ensure_keys(module.params, module.check_mode, vault.read_repository_keys))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import standin  # noqa: E402  (the stand-in's read API: published revisions)
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs, _sync, _sync_staging  # noqa: E402,E501
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects  # noqa: E402,E501
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_sync  # noqa: E402
 
 MODULE = "infn_cloud.cvmfs_publisher.cvmfs_sync"
 
@@ -99,7 +100,7 @@ class Repo:
 
     def params(self, **extra):
         """Module parameters for direct calls to _sync.run (fault injection)."""
-        params = {name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()}
+        params = {name: spec.get("default") for name, spec in cvmfs_sync.ARGUMENT_SPEC.items()}
         params.update(repository=self.fqrn, endpoint_url=self.stack["RGW_ENDPOINT"], region="default",
                       access_key_file=self.stack["RGW_ACCESS_KEY_FILE"],
                       secret_key_file=self.stack["RGW_SECRET_KEY_FILE"], cvmfs_server_bin=self.bin,

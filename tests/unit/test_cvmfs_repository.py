@@ -9,6 +9,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_repository as repository
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_repository
 
 FQRN = "alice.infn.it"
@@ -122,9 +123,9 @@ def test_rooted_paths():
 
 
 def test_upstream_refuses_commas():
-    assert cvmfs.upstream_storage("/srv/txn", GATEWAY) == "gw,/srv/txn," + GATEWAY
+    assert repository.upstream_storage("/srv/txn", GATEWAY) == "gw,/srv/txn," + GATEWAY
     with pytest.raises(cvmfs.CvmfsError, match="gateway_url 'http://a,b' must be non-empty and contain no comma"):
-        cvmfs.upstream_storage("/srv/txn", "http://a,b")
+        repository.upstream_storage("/srv/txn", "http://a,b")
 
 
 def test_display_command_hides_url_credentials():
@@ -157,6 +158,17 @@ def test_server_commands(call, argv):
     recorder = Recorder()
     call(cvmfs.CvmfsServer("/opt/cvmfs_server", runner=recorder))
     assert recorder.argv == [["/opt/cvmfs_server"] + argv]
+
+
+def test_mkfs_and_rmfs_return_the_command_and_run_it_only_outside_check_mode():
+    recorder = Recorder()
+    server = cvmfs.CvmfsServer("/opt/cvmfs_server", runner=recorder)
+    assert server.rmfs(FQRN, keep_keys=True, check_mode=True) == "/opt/cvmfs_server rmfs -f -p " + FQRN
+    assert server.mkfs(FQRN, "http://u:pw@s0/x", UPSTREAM, "/k", "cvmfs", check_mode=True) == (
+        "/opt/cvmfs_server mkfs -w 'http://***@s0/x' -u %s -k /k -o cvmfs %s" % (UPSTREAM, FQRN))
+    assert recorder.argv == []
+    assert server.rmfs(FQRN) == "/opt/cvmfs_server rmfs -f " + FQRN
+    assert recorder.argv == [["/opt/cvmfs_server", "rmfs", "-f", FQRN]]
 
 
 def test_command_error_keeps_exit_code_and_stderr_tail():

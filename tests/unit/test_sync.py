@@ -10,6 +10,7 @@ import pytest
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_sync
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import (
     ObjectGone,
@@ -94,7 +95,7 @@ def server(tmp_path):
 
 
 def settings(server, **overrides):
-    params = {name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()}
+    params = {name: spec.get("default") for name, spec in cvmfs_sync.ARGUMENT_SPEC.items()}
     params.update(repository=FQRN, cvmfs_root=server.root)
     params.update(overrides)
     return _sync.SyncSettings.from_params(params)
@@ -112,7 +113,7 @@ def state_file(server):
 
 def test_settings_fill_in_every_default_from_the_options():
     chosen = _sync.SyncSettings.from_params(dict(
-        {name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()},
+        {name: spec.get("default") for name, spec in cvmfs_sync.ARGUMENT_SPEC.items()},
         repository=FQRN, prefix="sw", concurrency=0, keys=["cvmfs/a"], cvmfs_root="/tmp/standin"))
     assert chosen.bucket == "alice" and chosen.prefix == "sw/" and chosen.concurrency == 1
     assert chosen.keys == ("cvmfs/a",)
@@ -121,7 +122,7 @@ def test_settings_fill_in_every_default_from_the_options():
 
 
 def test_settings_refuse_an_invalid_repository_name():
-    params = dict({name: spec.get("default") for name, spec in _sync.SYNC_ARGSPEC.items()}, repository="alice")
+    params = dict({name: spec.get("default") for name, spec in cvmfs_sync.ARGUMENT_SPEC.items()}, repository="alice")
     with pytest.raises(_sync.SyncError, match="expected a fully qualified name <name>.<domain>"):
         _sync.SyncSettings.from_params(params)
 
