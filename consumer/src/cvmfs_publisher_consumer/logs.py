@@ -9,13 +9,13 @@ import logging
 import sys
 import time
 
-REDACTED = "********"
+from .redact import Redactor
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets=()):
         super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
+        self.redact = Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -27,10 +27,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str, ensure_ascii=False)
-        for secret in self.secrets:
-            line = line.replace(secret, REDACTED).replace(json.dumps(secret)[1:-1], REDACTED)
-        return line
+        return self.redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 def setup(level: str = "INFO", secrets=(), stream=None) -> logging.Handler:

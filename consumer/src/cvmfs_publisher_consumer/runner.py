@@ -25,11 +25,12 @@ from typing import Callable, Dict, Iterable, List, Optional
 import ansible_runner
 import yaml
 
+from .files import write_text_atomic
 from .guard import DAEMON_PID_ENV, REPORT_ENV
+from .redact import Redactor
 
 log = logging.getLogger("cvmfs_publisher.runner")
 
-REDACTED = "********"
 MAX_ERROR_LENGTH = 500
 
 
@@ -115,7 +116,7 @@ class PlaybookRunner:
         self.settings = settings
         self.runs_dir = os.path.join(state_dir, "runs")
         self.failed_dir = os.path.join(state_dir, "failed-runs")
-        self._secrets = [s for s in secrets if s and len(s) >= 4]
+        self._redact = Redactor(secrets)
         os.makedirs(self.runs_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.failed_dir, mode=0o700, exist_ok=True)
         self._guard = self._write_guard(state_dir)
@@ -127,10 +128,7 @@ class PlaybookRunner:
         target = self.settings["playbook_bin"] or _default_playbook_bin()
         script = "#!%s\nimport sys\nfrom cvmfs_publisher_consumer.guard import main\nsys.exit(main(%r))\n" % (
             sys.executable, target)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(script)
-        os.chmod(path + ".tmp", stat.S_IRWXU)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, script, mode=stat.S_IRWXU)
         return path
 
     def _remove_leftovers(self):
@@ -179,11 +177,6 @@ class PlaybookRunner:
 
     # -- failed runs ----------------------------------------------------------------------------------------
 
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
     def _keep(self, private_dir: str) -> str:
         keep = self.settings["keep_failed_runs"]
         if keep <= 0:
@@ -209,7 +202,7 @@ class PlaybookRunner:
                 elif name in ("envvars", "passwords", "ssh_key", "env.list"):
                     os.remove(path)
                     continue
-                if self._secrets:
+                if self._redact:
                     self._redact_file(path)
 
     @staticmethod

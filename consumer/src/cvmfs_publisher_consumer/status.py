@@ -8,6 +8,8 @@ import os
 import time
 from typing import Dict, Optional
 
+from .files import write_text_atomic
+
 FILE_NAME = "status.json"
 
 
@@ -62,7 +64,4 @@ class StatusFile:
 
     def save(self, **daemon):
         self.data.update(daemon, updated=self._clock(), pid=os.getpid())
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
