@@ -1,10 +1,12 @@
 """The daemon's decisions with a fake broker and a fake runner: what gets acked, retried, dead-lettered, run."""
+import inspect
 import json
 import logging
 import shutil
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pika
 import pika.exceptions
@@ -118,6 +120,26 @@ class FakeBroker:
                 if registry or queue != REGISTRY]
 
 
+def autospecced(fake):
+    """``fake`` with each call the daemon makes checked against amqp.Broker's own signature first
+    (mock.create_autospec), so the fake cannot drift from the real broker; every public Broker method and
+    property must exist on the fake."""
+    spec = mock.create_autospec(amqp.Broker, instance=True)
+    for name in dir(amqp.Broker):
+        if name.startswith("_"):
+            continue
+        assert hasattr(fake, name), "FakeBroker lacks Broker.%s" % name
+        if isinstance(inspect.getattr_static(amqp.Broker, name), property):
+            continue
+        checked, implementation = getattr(spec, name), getattr(fake, name)
+
+        def call(*args, _checked=checked, _implementation=implementation, **kwargs):
+            _checked(*args, **kwargs)  # TypeError when the daemon calls it in a way Broker does not accept
+            return _implementation(*args, **kwargs)
+        setattr(fake, name, call)
+    return fake
+
+
 class FakeRunner:
     """Records runs; each run waits until the test releases it, then returns the scripted outcome."""
 
@@ -151,7 +173,7 @@ def daemon(project):
     (repos / "alice.infn.it").mkdir(parents=True)
     (repos / "bob.infn.it").mkdir()
     config = load(str(project["config_path"]), environ={})
-    broker = FakeBroker({"alice", "bob"})
+    broker = autospecced(FakeBroker({"alice", "bob"}))
     runner = FakeRunner()
     clock = [1000.0]
     instance = Daemon(config, broker=broker, runner=runner, clock=lambda: clock[0])
@@ -170,9 +192,12 @@ def started(daemon, count):
 
 
 def settle(daemon, runs=1):
-    """Let the fake runs finish and the I/O thread settle them."""
-    for _ in range(runs):
-        daemon._settle_finished(timeout=5)
+    """Let ``runs`` fake runs finish and the I/O thread settle them (no wait once they are settled)."""
+    goal = daemon._in_flight - runs
+    deadline = time.monotonic() + 10
+    while daemon._in_flight > goal:
+        assert time.monotonic() < deadline, "%d run(s) not settled" % (daemon._in_flight - goal)
+        daemon._settle_finished(timeout=0.5)
 
 
 def test_discovery_lists_valid_repositories(tmp_path):
@@ -523,3 +548,12 @@ def test_a_half_made_repository_is_not_consumed_until_its_provisioning_succeeds(
     assert [p for p, _extravars in daemon.runner.runs].count("provision_playbook") == 2
     assert "carol" in daemon.broker.callbacks
     assert "provisioning" not in StatusFile.read(daemon.config["state_dir"])["repositories"]["carol.infn.it"]
+
+
+def test_the_fake_broker_is_held_to_the_real_brokers_signatures(daemon):
+    with pytest.raises(TypeError):
+        daemon.broker.ack(None, "an argument amqp.Broker.ack does not take")
+    with pytest.raises(TypeError):
+        daemon.broker.retry_later(None, 1)  # not_before missing
+    with pytest.raises(AssertionError, match="FakeBroker lacks Broker.ack"):
+        autospecced(type("Incomplete", (), {})())

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_publisher_consumer import contract
 from cvmfs_publisher_consumer.messages import (MessageError, ProvisionRequest, check_key, parse_provision,
                                                parse_s3_event, touched_keys)
 
@@ -29,28 +30,29 @@ def aws_event(key, bucket="alice", name="s3:ObjectRemoved:Delete", size="7"):
 def test_plain_text_personal():
     request = parse_provision(b"alice,0f3c-sub,alice.infn.it,P\n")
     assert request == ProvisionRequest("alice.infn.it", subject="0f3c-sub", owner="alice", form="csv")
-    assert request.extravars() == {"cvmfs_repository": "alice.infn.it", "cvmfs_subject": "0f3c-sub"}
+    assert contract.provision(request) == ("provision_playbook", {"cvmfs_repository": "alice.infn.it",
+                                                                 "cvmfs_subject": "0f3c-sub"})
 
 
 def test_plain_text_group_uses_the_short_name_as_group():
     request = parse_provision(b"bob,sub,physics.infn.it,G")
-    assert request.extravars() == {"cvmfs_repository": "physics.infn.it", "cvmfs_group": "physics"}
+    assert contract.provision(request)[1] == {"cvmfs_repository": "physics.infn.it", "cvmfs_group": "physics"}
 
 
 def test_json_forms():
     personal = parse_provision(json.dumps({"version": 1, "repository": "alice.infn.it", "owner": "alice",
                                            "subject": "s-1", "kind": "personal"}).encode())
-    assert personal.extravars() == {"cvmfs_repository": "alice.infn.it", "cvmfs_subject": "s-1"}
+    assert contract.provision(personal)[1] == {"cvmfs_repository": "alice.infn.it", "cvmfs_subject": "s-1"}
     group = parse_provision(json.dumps({"version": 1, "repository": "lab.infn.it", "kind": "group",
                                         "group": "lab-admins"}).encode())
-    assert group.extravars() == {"cvmfs_repository": "lab.infn.it", "cvmfs_group": "lab-admins"}
+    assert contract.provision(group)[1] == {"cvmfs_repository": "lab.infn.it", "cvmfs_group": "lab-admins"}
 
 
 @pytest.mark.parametrize("body, reason", [
     (b"alice,sub,alice.infn.it", "4 comma-separated fields"),
     (b"alice,sub,alice.infn.it,X", "must be P (personal) or G (group)"),
     (b"alice,sub,../../etc.infn.it,P", "invalid repository name"),
-    (b"alice,sub,Alice.infn.it,P", "short name must be 3-63 lowercase"),
+    (b"alice,sub,Alice.infn.it,P", "short name 'Alice' must also be a valid bucket, topic and queue name"),
     (b"alice,sub/../x,alice.infn.it,P", "invalid subject"),
     (b"alice,sub,alice,P", "invalid repository name"),
     (b"", "message is empty"),
@@ -167,3 +169,25 @@ def test_each_record_is_judged_on_its_own():
     assert touches.ignored == ("event for unknown bucket 'mallory', not 'alice'",)
     with pytest.raises(MessageError, match=r"Records\[3\]: s3.object.key missing"):
         parse_s3_event(body)
+
+
+def test_sync_contract_passes_keys_only_in_changes_mode():
+    assert contract.sync("alice.infn.it", "changes", ("cvmfs/a",)) == (
+        "sync_playbook", {"cvmfs_repository": "alice.infn.it", "cvmfs_sync_mode": "changes",
+                          "cvmfs_sync_keys": ["cvmfs/a"]})
+    assert contract.sync("alice.infn.it", "full", ("cvmfs/a",))[1] == {"cvmfs_repository": "alice.infn.it",
+                                                                       "cvmfs_sync_mode": "full"}
+
+
+def test_the_playbooks_declare_the_extravars_the_contract_passes():
+    import yaml
+    root = Path(__file__).resolve().parents[2]
+    role_options = yaml.safe_load((root / "roles/repository/meta/argument_specs.yml").read_text())
+    declared = set(role_options["argument_specs"]["main"]["options"])
+    _, personal = contract.provision(ProvisionRequest("a.infn.it", subject="s"))
+    _, group = contract.provision(ProvisionRequest("a.infn.it", group="g"))
+    assert set(personal) | set(group) <= declared, "provision_repository.yml applies the repository role"
+    play = yaml.safe_load((root / "playbooks/sync_repository.yml").read_text())[0]
+    checked = " ".join(play["tasks"][0]["ansible.builtin.assert"]["that"])
+    for name in contract.sync("a.infn.it", "changes", ["k"])[1]:
+        assert name in checked, "sync_repository.yml checks %s first" % name

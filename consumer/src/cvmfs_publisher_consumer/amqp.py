@@ -254,9 +254,6 @@ class Broker:
         channel.close()
         return None
 
-    def consumed_queues(self):
-        return [queue for queue in self._consumers if self.consuming(queue)]
-
     def stop_consuming(self):
         """Cancel every consumer (no new deliveries); unsettled messages can still be acked or nacked."""
         for channel in list(self._consumers.values()):

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Set
 
 import pika.exceptions
 
-from . import amqp, guard, spread
+from . import amqp, contract, guard, spread
 from .batching import CHANGES, FULL, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
 from .depths import DepthProbe
@@ -447,13 +447,7 @@ class Daemon:
 
     def _execute(self, batch: Batch):
         """Worker thread: run the playbook, hand the result to the I/O thread."""
-        if batch.mode == PROVISION:
-            playbook, extravars = "provision_playbook", batch.request.extravars()
-        else:
-            playbook = "sync_playbook"
-            extravars = {"cvmfs_repository": batch.lane, "cvmfs_sync_mode": batch.mode}
-            if batch.mode == CHANGES:
-                extravars["cvmfs_sync_keys"] = batch.keys
+        playbook, extravars = contract.for_batch(batch)
         label = "%s-%s" % (batch.mode, short_name(batch.lane))
         try:
             result = self.runner.run(playbook, extravars, label, cancel=lambda: self._cancel_runs)

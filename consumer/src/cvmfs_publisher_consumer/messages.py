@@ -3,8 +3,8 @@
 Every problem raises MessageError whose text is the dead-letter reason an operator reads, so it names the
 field and the offending value (values are user input, never secrets).
 
-The consumer does not import the collection (design.md), so the repository name rules are restated here;
-they must agree with plugins/module_utils/_naming.py (the provisioning playbook re-validates anyway).
+The consumer does not import the collection (design.md): the repository name rules come from ``naming.py``, a
+copy of the collection's plugins/module_utils/_naming.py that tests/unit/test_naming.py holds equal to it.
 """
 import json
 import re
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 from urllib.parse import unquote_plus
 
-FQRN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
-SHORT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9_.@-]{0,127}$")
+from . import naming
+
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -23,27 +22,25 @@ class MessageError(ValueError):
 
 
 def short_name(fqrn: str) -> str:
-    return fqrn.split(".", 1)[0]
+    """The part before the first dot: a repository's bucket and queue (no validation: also for filters)."""
+    return naming.short_name(fqrn, validate=False)
 
 
 def validate_fqrn(fqrn, domain: str = "") -> str:
-    if not isinstance(fqrn, str) or not fqrn:
-        raise MessageError("repository name is missing")
-    if not FQRN_PATTERN.match(fqrn) or "." not in fqrn or ".." in fqrn or fqrn.endswith("."):
-        raise MessageError("invalid repository name %r: expected <name>.<domain> of letters, digits, '-', '_' "
-                           "and '.', at most 60 characters" % fqrn)
-    if not SHORT_NAME_PATTERN.match(short_name(fqrn)):
-        raise MessageError("invalid repository name %r: its short name must be 3-63 lowercase letters, digits "
-                           "or '-' (it is also the bucket and queue name)" % fqrn)
+    try:
+        naming.validate_fqrn(fqrn)
+    except naming.InvalidName as exc:
+        raise MessageError(str(exc)) from None
     if domain and not fqrn.endswith("." + domain):
         raise MessageError("repository %r is not in this publisher's domain %r" % (fqrn, domain))
     return fqrn
 
 
 def _segment(value, what) -> str:
-    if not isinstance(value, str) or not SUBJECT_PATTERN.match(value):
-        raise MessageError("invalid %s %r: expected letters, digits, '_', '.', '@' or '-'" % (what, value))
-    return value
+    try:
+        return naming.validate_vault_segment(value, what)
+    except naming.InvalidName as exc:
+        raise MessageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,14 +53,6 @@ class ProvisionRequest:
     group: Optional[str] = None     # group repository: the group name
     owner: str = ""                 # the requesting user (informational)
     form: str = "json"              # "csv" (original plain text) or "json"
-
-    def extravars(self) -> dict:
-        extravars = {"cvmfs_repository": self.repository}
-        if self.subject:
-            extravars["cvmfs_subject"] = self.subject
-        else:
-            extravars["cvmfs_group"] = self.group
-        return extravars
 
 
 def _decode_text(body: bytes) -> str:
