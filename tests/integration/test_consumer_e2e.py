@@ -331,13 +331,35 @@ def test_a_burst_of_1000_uploads_is_published_in_at_most_10_runs(stack, s3, daem
     assert sum(r["keys"] for r in runs) >= 1000
 
 
-def test_kill_9_during_a_sync_then_restart_loses_nothing(stack, s3, daemons, unique_name):
-    daemon = daemons().start()
+def holding_publish(stack, tmp_path):
+    """(vars file, hold marker): a cvmfs_server that, while the marker exists, sleeps in ``publish`` (with the
+    transaction open) instead of publishing; everything else goes to the stand-in."""
+    marker = tmp_path / "hold-publish"
+    wrapper = tmp_path / "cvmfs_server_holding_publish"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = publish ] && [ -e %s ]; then sleep 300; fi\nexec %s "$@"\n'
+                       % (marker, stack["CVMFS_SERVER_BIN"]))
+    wrapper.chmod(0o755)
+    extra = tmp_path / "holding-publish.yml"
+    extra.write_text("cvmfs_publisher_cvmfs_server_bin: %s\n" % wrapper)
+    return str(extra), marker
+
+
+def test_kill_9_during_a_sync_then_restart_loses_nothing(stack, s3, daemons, unique_name, tmp_path):
+    extra, hold = holding_publish(stack, tmp_path)
+    daemon = daemons(ansible__extravars_files=[stack_vars_file(), extra]).start()
     fqrn = provision(stack, s3, daemon, unique_name)
+    hold.touch()
+    revision = standin.current_revision(stack["CVMFS_STANDIN_ROOT"], fqrn)
     upload_many(s3, unique_name, {"cvmfs/first/f%03d" % i: os.urandom(2048) for i in range(300)})
     daemon.wait_for(sync_event("run_started", fqrn), "no sync started")
-    time.sleep(2)
+    deadline = time.monotonic() + CONVERGE_TIMEOUT
+    while not standin.in_transaction(stack["CVMFS_STANDIN_ROOT"], fqrn):
+        assert time.monotonic() < deadline, "the sync never opened its transaction"
+        time.sleep(0.2)
     daemon.kill()
+    assert standin.in_transaction(stack["CVMFS_STANDIN_ROOT"], fqrn), "killed with the transaction open"
+    assert standin.current_revision(stack["CVMFS_STANDIN_ROOT"], fqrn) == revision, "killed before publishing"
+    hold.unlink()
     state = str(daemon.folder / "state")
     deadline = time.monotonic() + 30
     while _processes_mentioning(state):
