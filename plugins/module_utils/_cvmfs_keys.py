@@ -17,9 +17,9 @@ import hashlib
 import os
 import pwd
 import stat
-import tempfile
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._cvmfs import DEFAULT_KEYS_DIR, CvmfsError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._files import write_atomically
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import validate_fqrn
 
 # The keys folder option (doc_fragments/cvmfs.py KEYS); an actual path, never prefixed by cvmfs_root.
@@ -103,34 +103,11 @@ def plan_key_file(path, data, mode, uid=None, gid=None):
     return dict(path=path, mode=wanted_mode, changes=changes, before=before, after=after)
 
 
-def write_file_atomically(path, data, mode, uid=None, gid=None):
-    """Replace ``path`` with ``data``: a temporary file in the same folder, mode and owner set before any byte
-    is written (a secret is never readable by others, even briefly), then a rename."""
-    folder = os.path.dirname(path)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
-    try:
-        os.fchmod(fd, mode)
-        if uid is not None or gid is not None:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-        with os.fdopen(fd, "wb") as handle:
-            fd = None
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp_path, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
-
-
 def apply_key_file(plan, data, mode, uid=None, gid=None):
     """Carry out a plan from plan_key_file: rewrite the content when it differs, else fix mode/owner in place."""
     try:
         if "created" in plan["changes"] or "content changed" in plan["changes"]:
-            write_file_atomically(plan["path"], data, mode, uid, gid)
+            write_atomically(plan["path"], data, mode, uid, gid)
         elif plan["changes"]:
             os.chmod(plan["path"], mode)
             if uid is not None or gid is not None:

@@ -7,6 +7,10 @@ FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 
 A repository's fully qualified name (fqrn) is ``<name>.<domain>``. Its short name ``<name>`` is also the S3
 bucket, the RGW topic, the RabbitMQ queue and the routing key (the original INFN convention).
+
+Pure (only ``re``): roles and playbooks use it through the ``short_name`` filter plugin, and the consumer daemon,
+which must not import the collection, carries a copy (consumer/src/cvmfs_publisher_consumer/naming.py) that
+tests/unit/test_naming.py holds equal to this file.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -45,7 +49,7 @@ def validate_fqrn(fqrn):
         raise InvalidName("invalid repository name %r: expected a fully qualified name <name>.<domain>" % fqrn)
     if ".." in fqrn or fqrn.endswith("."):
         raise InvalidName("invalid repository name %r: empty domain label" % fqrn)
-    short = fqrn.split(".", 1)[0]
+    short = short_name(fqrn, validate=False)
     if not SHORT_NAME_PATTERN.match(short):
         raise InvalidName(
             "invalid repository name %r: its short name %r must also be a valid bucket, topic and queue name "
@@ -53,9 +57,11 @@ def validate_fqrn(fqrn):
     return fqrn
 
 
-def short_name(fqrn):
-    """`alice.infn.it` -> `alice`: the bucket, topic, queue and routing key of a repository."""
-    return validate_fqrn(fqrn).split(".", 1)[0]
+def short_name(fqrn, validate=True):
+    """`alice.infn.it` -> `alice`: the bucket, topic, queue and routing key of a repository.
+
+    ``validate=False`` only takes the part before the first dot, for names checked already or for filters."""
+    return (validate_fqrn(fqrn) if validate else fqrn).split(".", 1)[0]
 
 
 def bucket_name(fqrn):

@@ -23,7 +23,8 @@ __metaclass__ = type
 
 import json
 import os
-import tempfile
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._files import write_atomically
 
 KEY = "key"
 CONFLICT = "conflict"
@@ -154,11 +155,5 @@ class RefusalStore:
     def save(self, refusals, report_digest=None):
         text = json.dumps(dict(version=FORMAT_VERSION, identity=self.identity, objects=refusals.entries,
                                report_digest=report_digest), sort_keys=True)
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=".refused.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp, self.path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_atomically(self.path, text)

@@ -17,9 +17,9 @@ __metaclass__ = type
 import hashlib
 import os
 import stat
-import tempfile
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._files import write_atomically
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 
 CHUNK_BYTES = 1 << 20
@@ -64,15 +64,9 @@ class StateStore:
             pass
 
     def _write(self, path, text):
-        folder = os.path.dirname(path)
         try:
-            os.makedirs(folder, exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(temp, path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomically(path, text)
         except (IOError, OSError) as exc:
             raise StateError("cannot write sync state %s: %s" % (path, exc.strerror or exc))
 

@@ -51,3 +51,51 @@ def test_vault_paths_refuse_bad_owners(kwargs, reason):
     with pytest.raises(naming.InvalidName) as err:
         naming.vault_keys_path("alice.infn.it", **kwargs)
     assert reason in str(err.value)
+
+
+# -- one rule, three users: modules, roles (the filter plugin), the consumer daemon (its copy) ------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+VENDOR_NOTE = ("# A copy of plugins/module_utils/_naming.py (tests/unit/test_naming.py holds them equal): edit that "
+               "file, copy it here.\n")
+
+
+def test_the_consumer_carries_this_file_unchanged():
+    """The consumer must not import the collection, so it vendors _naming.py; a change here must be copied."""
+    original = (ROOT / "plugins/module_utils/_naming.py").read_text()
+    vendored = (ROOT / "consumer/src/cvmfs_publisher_consumer/naming.py").read_text()
+    assert vendored == VENDOR_NOTE + original, (
+        "consumer/src/cvmfs_publisher_consumer/naming.py differs from plugins/module_utils/_naming.py: copy it "
+        "(keeping the first comment line)")
+
+
+def test_short_name_without_validation_only_cuts_at_the_first_dot():
+    assert naming.short_name("alice.infn.it") == "alice"
+    assert naming.short_name("Not Valid.x.y", validate=False) == "Not Valid"
+    assert naming.short_name("alice", validate=False) == "alice"
+    with pytest.raises(naming.InvalidName, match="expected a fully qualified name"):
+        naming.short_name("alice")
+
+
+def test_short_name_filter_plugin():
+    from ansible.errors import AnsibleFilterError
+
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.filter.short_name import FilterModule
+    short = FilterModule().filters()["short_name"]
+    assert short("atlas-sw.cern.ch") == "atlas-sw"
+    with pytest.raises(AnsibleFilterError, match="invalid repository name 'Alice.infn.it': its short name 'Alice'"):
+        short("Alice.infn.it")
+
+
+def test_the_consumer_rules_are_these_rules():
+    """The consumer's message checks report the collection's reasons (its MessageError wraps InvalidName)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "consumer/src"))
+    from cvmfs_publisher_consumer import messages
+    for fqrn in ("alice", "al ice.infn.it", "Alice.infn.it", "alice..infn.it"):
+        with pytest.raises(naming.InvalidName) as expected:
+            naming.validate_fqrn(fqrn)
+        with pytest.raises(messages.MessageError) as got:
+            messages.validate_fqrn(fqrn)
+        assert str(got.value) == str(expected.value)
+    assert messages.validate_fqrn("alice.infn.it", "infn.it") == "alice.infn.it"
