@@ -50,7 +50,6 @@ def repository_mismatches(config, stratum0_url, upstream):
     return problems
 
 
-
 def ensure_repository(server, params, check_mode):
     """cvmfs_repository: create (``mkfs``) or remove (``rmfs``) one repository; returns the module result."""
     fqrn = validate_fqrn(params["repository"])

@@ -62,7 +62,7 @@ if os.path.isfile(os.path.join(_BUNDLED, "cvmfs_publisher_consumer", "messages.p
 
 import pika.exceptions  # noqa: E402
 
-from cvmfs_publisher_consumer import amqp, messages  # noqa: E402
+from cvmfs_publisher_consumer import amqp, contract, messages  # noqa: E402
 from cvmfs_publisher_consumer.config import FIELDS, REQUIRED, read_secret  # noqa: E402
 from cvmfs_publisher_consumer.repositories import discover_repositories, included  # noqa: E402
 
@@ -113,16 +113,14 @@ def settings_from(args: Dict[str, Any]) -> Dict[str, Any]:
 
 def provision_event(request: messages.ProvisionRequest, count: int = 1) -> Dict:
     return {"cvmfs_publisher": {"action": "provision", "repository": request.repository,
-                                "playbook": "provision_repository", "extravars": request.extravars(),
+                                "playbook": "provision_repository", "extravars": contract.provision(request)[1],
                                 "messages": count}}
 
 
 def sync_event(fqrn: str, keys: List[str], threshold: int, count: int, full: bool = False) -> Dict:
     """The sync_repository.yml variables the daemon would pass for this batch."""
     full = full or (threshold and len(keys) >= threshold)
-    extravars = {"cvmfs_repository": fqrn, "cvmfs_sync_mode": "full" if full else "changes"}
-    if not full:
-        extravars["cvmfs_sync_keys"] = list(keys)
+    extravars = contract.sync(fqrn, "full" if full else "changes", keys)[1]
     return {"cvmfs_publisher": {"action": "sync", "repository": fqrn, "playbook": "sync_repository",
                                 "extravars": extravars, "messages": count}}
 
