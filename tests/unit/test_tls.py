@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _module, _rabbitmq, _sync, _vault
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _module, _rabbitmq, _vault
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client as _rgw
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_topic
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_sync, rgw_topic
 from cvmfs_publisher_consumer import config as consumer_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def test_every_client_verifies_certificates_by_default(spec):
 
 
 def test_sync_and_topic_verify_by_default():
-    assert all(_sync.SYNC_ARGSPEC.get(name, spec) == spec for name, spec in _rgw.RGW_ARGUMENT_SPEC.items())
+    assert all(cvmfs_sync.ARGUMENT_SPEC.get(name, spec) == spec for name, spec in _rgw.RGW_ARGUMENT_SPEC.items())
     assert rgw_topic.ARGUMENT_SPEC["verify_ssl"]["default"] is True
     assert rgw_topic.ARGUMENT_SPEC["ca_location"]["default"] == ""
 
