@@ -15,11 +15,15 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import gzip
 import os
 import random
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
+import threading
 import time
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
@@ -37,7 +41,20 @@ RC_NOT_FOUND = 1
 RC_LEASE_PARENT_MISSING = 2
 RC_LEASE_BUSY = 16
 RC_ALREADY_IN_TRANSACTION = 17
+RC_LEASE_PARENT_NOT_A_DIRECTORY = 20
 RC_NOT_IN_TRANSACTION = 22
+
+# Every cvmfs_server command runs from "/" (publish, ingest and abort fail when the caller's cwd is inside
+# /cvmfs/<fqrn>) and never asks about read-only file descriptors on the union mount (it would answer "no" and fail).
+COMMAND_CWD = "/"
+COMMAND_ENV = {"CVMFS_FORCE_REMOUNT_WARNING": "false"}
+# What the gateway-mode ingest script dies with when it cannot open its transaction (busy or already-open lease):
+# its exit code is then 1, never 16/17 (cvmfs_server_ingest.sh).
+INGEST_NO_TRANSACTION = "Impossible to start a transaction"
+# The published revision, as `attr -qg revision /var/spool/cvmfs/<fqrn>/rdonly` reads it.
+REVISION_XATTR = "user.revision"
+# A gzip stream starts with these bytes (.tar.gz, .tgz); the real ingest reads uncompressed tar only.
+GZIP_MAGIC = b"\x1f\x8b"
 
 STDERR_TAIL_LINES = 20
 
@@ -148,8 +165,49 @@ def stderr_tail(text, lines=STDERR_TAIL_LINES):
 def _run_subprocess(argv):
     # The exit code is the answer (see the contract), not an error: check=False.
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, check=False)
+                          universal_newlines=True, check=False, cwd=COMMAND_CWD, env=dict(os.environ, **COMMAND_ENV))
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def open_tarball(path):
+    """A file object reading ``path`` as an uncompressed tar: gzip is decompressed on the fly (by content, not
+    name: a .tgz holding a plain tar works too)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(len(GZIP_MAGIC))
+    return gzip.GzipFile(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+
+
+def _run_with_stdin(argv, source):
+    """Run ``argv`` with ``source`` (a binary file object) streamed to its stdin; (rc, stdout, stderr)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=COMMAND_CWD,
+                                env=dict(os.environ, **COMMAND_ENV))
+        failure = []
+
+        def feed():
+            try:
+                shutil.copyfileobj(source, proc.stdin, 1 << 20)
+            except BrokenPipeError:
+                pass  # the command stopped reading: its exit code tells why
+            except (IOError, OSError, EOFError, ValueError) as exc:  # a corrupt compressed stream
+                failure.append(exc)
+            finally:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        rc = proc.wait()
+        feeder.join()
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
+        if failure:
+            stderr += "\ncannot decompress the tarball: %s" % failure[0]
+            rc = rc or 1
+        return rc, out.read().decode("utf-8", "replace"), stderr
 
 
 class CvmfsServer:
@@ -173,7 +231,7 @@ class CvmfsServer:
     def for_module(cls, module):
         """Commands run through AnsibleModule.run_command (argv as given: no ~ or $VAR expansion)."""
         return cls.from_params(module.params, runner=lambda argv: module.run_command(
-            argv, handle_exceptions=False, expand_user_and_vars=False))
+            argv, handle_exceptions=False, expand_user_and_vars=False, cwd=COMMAND_CWD, environ_update=COMMAND_ENV))
 
     # -- paths -------------------------------------------------------------------------------------------------
     def path(self, real_path):
@@ -195,6 +253,10 @@ class CvmfsServer:
     def default_keys_dir(self):
         return self.path(DEFAULT_KEYS_DIR)
 
+    def session_token(self, fqrn):
+        """The gateway lease token of an open (or half-closed) transaction; ``transaction`` reuses it if present."""
+        return os.path.join(self.spool_dir(fqrn), "session_token")
+
     # -- state from files ----------------------------------------------------------------------------------------
     def read_config(self, fqrn):
         """The repository's server.conf as a dict, or None when the repository does not exist."""
@@ -213,6 +275,17 @@ class CvmfsServer:
     def in_transaction(self, fqrn):
         return os.path.exists(os.path.join(self.spool_dir(fqrn), "in_transaction.lock"))
 
+    def has_session_token(self, fqrn):
+        return os.path.exists(self.session_token(fqrn))
+
+    def mounted_revision(self, fqrn):
+        """The revision the repository's rdonly mount shows (its ``user.revision`` attribute); None if unreadable.
+        Never parsed from command output: in gateway mode ``publish`` prints no revision number."""
+        try:
+            return int(os.getxattr(self.path("/var/spool/cvmfs/%s/rdonly" % fqrn), REVISION_XATTR))
+        except (OSError, ValueError):
+            return None
+
     def repository_facts(self, fqrn):
         config = self.read_config(fqrn)
         if config is None:
@@ -222,10 +295,12 @@ class CvmfsServer:
                     in_transaction=self.in_transaction(fqrn))
 
     # -- commands ------------------------------------------------------------------------------------------------
-    def run(self, *args):
+    def run(self, *args, **kwargs):
+        """Run a command; ``stdin`` (a binary file object), when given, is streamed to it."""
         argv = [self.binary] + [str(arg) for arg in args]
+        stdin = kwargs.pop("stdin", None)
         try:
-            rc, stdout, stderr = self.runner(argv)
+            rc, stdout, stderr = self.runner(argv) if stdin is None else _run_with_stdin(argv, stdin)
         except OSError as exc:
             raise CvmfsError("cannot run %s: %s (set cvmfs_server_bin to the cvmfs_server executable)"
                              % (self.binary, exc.strerror or exc))
@@ -261,19 +336,27 @@ class CvmfsServer:
         return self.run(*(args + [target]))
 
     def publish(self, fqrn):
-        return self.run("publish", fqrn)
+        """``publish -f``: a reader holding a file open on /cvmfs/<fqrn> must not make it prompt (and fail)."""
+        return self.run("publish", "-f", fqrn)
 
     def abort(self, fqrn):
         """Discard the open transaction without prompting (``abort -f``); rc 22 when none is open."""
         return self.run("abort", "-f", fqrn)
 
-    def ingest(self, fqrn, tar, base_dir, delete_path=None):
-        """Ingest a tarball (a path, or ``-`` for stdin) under ``base_dir`` in its own transaction;
-        ``delete_path`` is removed first in the same revision."""
-        args = ["ingest", "-t", tar, "-b", base_dir]
-        if delete_path:
-            args += ["-d", delete_path]
-        return self.run(*(args + [fqrn]))
+    def ingest(self, fqrn, tarball, base_dir):
+        """Unpack the tarball at path ``tarball`` (merging) under ``base_dir`` as a revision of its own (ingest opens
+        its own transaction). Compressed tarballs are decompressed on the fly into ``-t -``: ingest reads plain tar
+        only. A gateway cannot delete in the same call (``-t`` with ``-d`` dies): this method never offers it.
+        Exit code 1 when the transaction could not be opened (busy lease: see INGEST_NO_TRANSACTION), never 16/17."""
+        source = open_tarball(tarball)
+        with source:
+            if isinstance(source, gzip.GzipFile):
+                return self.run("ingest", "-t", "-", "-b", base_dir, fqrn, stdin=source)
+        return self.run("ingest", "-t", tarball, "-b", base_dir, fqrn)
+
+    def ingest_delete(self, fqrn, path):
+        """``ingest -d <path>``: delete one path as a revision of its own (one path per call on a gateway)."""
+        return self.run("ingest", "-d", path, fqrn)
 
     def list(self):
         """The repositories of this host as dicts (name, type, upstream_type, in_transaction, flags)."""
@@ -285,35 +368,34 @@ class CvmfsServer:
 
 # cvmfs_server exit codes worth another attempt: a lease held by another publisher, a transaction just opened.
 RETRYABLE_RCS = (RC_LEASE_BUSY, RC_ALREADY_IN_TRANSACTION)
-_REVISION_IN_OUTPUT = re.compile(r"\brevision (\d+)\b")
 
 
-def with_busy_retries(func, retries, sleep=time.sleep, what="open a transaction"):
-    """Call ``func``; on cvmfs_server exit code 16 (lease busy) or 17 (already in a transaction) retry with
-    jittered exponential backoff, then fail with a message that says what was going on."""
+def transaction_busy(exc):
+    """``transaction`` could not get its lease now (16) or a transaction is open (17): worth waiting for."""
+    return exc.rc in RETRYABLE_RCS
+
+
+def ingest_lease_busy(exc):
+    """``ingest`` could not open its transaction: in gateway mode the script dies with 1 and "Impossible to start a
+    transaction" (never 16/17); any other exit 1 (a bad tar, a failed publish) is not worth retrying."""
+    return exc.rc == RC_NOT_FOUND and INGEST_NO_TRANSACTION in ((exc.stdout or "") + (exc.stderr or ""))
+
+
+def with_busy_retries(func, retries, sleep=time.sleep, what="open a transaction", busy=transaction_busy):
+    """Call ``func``; while ``busy(error)`` says the lease is busy, retry with jittered exponential backoff, then
+    fail with a message that says what was going on."""
     for attempt in range(retries + 1):
         try:
             return func()
         except CvmfsCommandError as exc:
-            if exc.rc not in RETRYABLE_RCS:
+            if not busy(exc):
                 raise
             if attempt >= retries:
-                why = ("its lease path is busy (another publisher holds an overlapping lease)"
-                       if exc.rc == RC_LEASE_BUSY else "another transaction is open on it")
+                why = ("another transaction is open on it" if exc.rc == RC_ALREADY_IN_TRANSACTION
+                       else "its lease path is busy (another publisher holds an overlapping lease)")
                 raise CvmfsError("cannot %s: %s; gave up after %d attempts (exit code %d): %s"
                                  % (what, why, retries + 1, exc.rc, exc.msg), rc=exc.rc)
             sleep(random.uniform(0.5, 1.0) * min(30.0, 2.0 ** attempt))
-
-
-def published_revision(server, fqrn, output):
-    """The revision just published: the client-visible ``user.revision`` attribute of /cvmfs/<fqrn> when the
-    mount provides it, else the number the tool printed; None when neither says."""
-    try:
-        return int(os.getxattr(server.union_dir(fqrn), "user.revision"))
-    except (AttributeError, OSError, ValueError):
-        pass
-    match = _REVISION_IN_OUTPUT.search(output or "")
-    return int(match.group(1)) if match else None
 
 
 def abort_quietly(server, fqrn):

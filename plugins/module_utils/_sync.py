@@ -12,11 +12,12 @@ One run, in order (``_sync_plan.py`` makes every decision):
 2. plan the differences;
 3. download new and changed objects, in parallel and streamed, into a private staging folder; check tarballs'
    members there (``_sync_staging.py``). Nothing in the repository has changed yet, and no transaction is open;
-4. one transaction for plain files and deletions: apply from staging (renames or local copies), publish;
-5. one ``cvmfs_server ingest`` per new or changed tarball (ingest opens its own transaction, so it cannot share
-   the one of step 4). Step 4 goes first because it creates the parent directories that a gateway lease on a
-   tarball's directory needs, and removes the directories of deleted tarballs. Each step is atomic on its own:
-   a failure aborts that step and leaves every earlier revision as published.
+4. transactions for plain files, deletions and replaced tarballs (unpacked in staging, swapped in whole), each
+   fitting the gateway's lease time; then one ``cvmfs_server ingest`` per new tarball (``_sync_publish.py``).
+   Each revision is atomic on its own: a failure aborts that step and leaves every earlier revision as published.
+
+The whole run holds the repository's lock (one sync per repository per host) and first closes what an interrupted
+sync of ours left open; a transaction we did not open fails the run (``_transaction.py``).
 
 The bucket is read through an injectable reader (``_rgw/objects.py``'s ``BucketObjects``: ``list(prefix)``,
 ``head(keys, concurrency)``, ``download(change, folder)``), ``cvmfs_server`` through ``_cvmfs.CvmfsServer``.
@@ -26,10 +27,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import functools
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,11 +38,11 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _refusals as refusals_mod
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _tarball as tarball
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _transaction as txn
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._sync_publish import Publisher
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._sync_staging import (
-    ApplyError,
-    apply_plain,
     make_staging_folder,
     stage,
 )
@@ -78,6 +77,8 @@ class SyncSettings:
     max_reported_paths: int
     report_key: str = refusals_mod.DEFAULT_REPORT_KEY  # the uploader's report in the bucket; "" for none
     limits: tarball.Limits = None  # per-tarball limits (None: the defaults)
+    lock_timeout: int = txn.DEFAULT_LOCK_TIMEOUT  # seconds to wait for another sync of the repository
+    max_lease_seconds: int = txn.DEFAULT_MAX_LEASE_SECONDS  # the gateway's max_lease_time
 
     @classmethod
     def from_params(cls, params):
@@ -96,6 +97,8 @@ class SyncSettings:
         problem = refusals_mod.check_report_key(report_key, prefix)
         if problem:
             raise SyncError(problem)
+        if params.get("max_lease_seconds", 1) <= 0 or params.get("lock_timeout", 0) < 0:
+            raise SyncError("max_lease_seconds must be positive and lock_timeout not negative")
         return cls(
             repository=fqrn, bucket=bucket, prefix=prefix, mode=params["mode"], keys=tuple(params["keys"] or ()),
             tarballs=params["tarballs"], concurrency=max(1, params["concurrency"]),
@@ -103,7 +106,9 @@ class SyncSettings:
             staging_dir=params.get("staging_dir") or cvmfs.rooted(root, DEFAULT_STAGING_DIR),
             abort_stale_transaction=params["abort_stale_transaction"],
             transaction_retries=params["transaction_retries"], max_reported_paths=params["max_reported_paths"],
-            report_key=report_key, limits=tarball.Limits.from_params(params))
+            report_key=report_key, limits=tarball.Limits.from_params(params),
+            lock_timeout=params.get("lock_timeout", txn.DEFAULT_LOCK_TIMEOUT),
+            max_lease_seconds=params.get("max_lease_seconds", txn.DEFAULT_MAX_LEASE_SECONDS))
 
 
 @dataclass
@@ -118,6 +123,7 @@ class SyncResult:
     plan: sp.Plan = None
     revisions: list = field(default_factory=list)
     published_changes: int = 0
+    split_transactions: int = 0  # extra transactions because one did not fit the lease time
     bytes_downloaded: int = 0
     objects_downloaded: int = 0
     durations: dict = field(default_factory=dict)
@@ -154,6 +160,8 @@ class SyncResult:
             result["published_changes"] = self.published_changes
         if self.report_error:
             result["report_error"] = self.report_error
+        if self.split_transactions:
+            result["split_transactions"] = self.split_transactions
         return result
 
 
@@ -175,9 +183,30 @@ def sync(settings, server, objects, check_mode=False):
     if server.read_config(fqrn) is None:
         raise SyncError("repository %s does not exist on this publisher (create it with the cvmfs_repository "
                         "module or playbooks/provision_repository.yml)" % fqrn)
+    missing = server.missing_parts(fqrn)
+    if missing:
+        raise SyncError("repository %s is half-created (missing: %s); run playbooks/provision_repository.yml "
+                        "(the cvmfs_repository module repairs it)" % (fqrn, ", ".join(missing)), missing=missing)
     result = SyncResult(settings)
+    if check_mode:  # changes nothing: needs no lock
+        return _run(settings, server, objects, result, check_mode=True)
+    lock = txn.RepositoryLock(settings.state_dir, fqrn, settings.lock_timeout)
+    try:
+        lock.acquire()
+    except PublisherError as exc:
+        raise SyncError(exc.msg, **exc.details)
+    try:
+        if lock.waited >= txn.LOCK_POLL_SECONDS:
+            result.durations["lock_wait"] = lock.waited
+        return _run(settings, server, objects, result, check_mode=False)
+    finally:
+        lock.release()
+
+
+def _run(settings, server, objects, result, check_mode):
+    fqrn = settings.repository
     timer = time.monotonic()
-    _abort_stale_transaction(settings, server, result, check_mode)
+    _recover_stale_transaction(settings, server, result, check_mode)
     refusal_store = _refusal_store(settings)
     result.refusals, remembered = refusal_store.load()
     observed = {}
@@ -203,7 +232,10 @@ def sync(settings, server, objects, check_mode=False):
         result.objects_downloaded = len(staged)
         result.durations["download"] = round(time.monotonic() - timer, 3)
         timer = time.monotonic()
-        _publish(settings, server, plan, staged, old_state, result)
+        try:
+            Publisher(server, fqrn, settings, _store(settings), result).run(plan, staged, old_state, folder)
+        except PublisherError as exc:
+            raise SyncError(exc.msg, **exc.details)
         result.durations["transaction"] = round(time.monotonic() - timer, 3)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -238,19 +270,16 @@ def _record_refusals(settings, objects, result, store, written_digest, now):
             raise SyncError("cannot write the refusals file %s: %s" % (store.path, exc.strerror or exc))
 
 
-def _abort_stale_transaction(settings, server, result, check_mode):
+def _recover_stale_transaction(settings, server, result, check_mode):
+    """What an interrupted sync of ours left open is aborted; a transaction we did not open fails the run."""
     fqrn = settings.repository
-    if not server.in_transaction(fqrn):
-        return
-    if not settings.abort_stale_transaction:
-        raise SyncError("repository %s is already in a transaction (left by a crash or held by another "
-                        "publisher); abort it with 'cvmfs_server abort -f %s' or set abort_stale_transaction"
-                        % (fqrn, fqrn))
-    result.stale_transaction_aborted = True
-    if not check_mode:
-        error = cvmfs.abort_quietly(server, fqrn)
-        if error:
-            raise SyncError("cannot abort the stale transaction of %s: %s" % (fqrn, error))
+    marker = txn.TransactionMarker(settings.state_dir, fqrn)
+    try:
+        aborted = txn.recover_stale(server, fqrn, marker, settings.abort_stale_transaction, check_mode)
+    except PublisherError as exc:
+        raise SyncError(exc.msg, **exc.details)
+    if aborted:
+        result.stale_transaction_aborted = True
         result.changed = True
 
 
@@ -302,72 +331,3 @@ def _observe_keys(objects, keys, prefix, concurrency):
             pass
     seen = dict((obs.key, obs) for obs in objects.head(asked, concurrency))
     return [seen[key] if key in seen else sp.Observation(key, "", 0) for key in unique]
-
-
-def _publish(settings, server, plan, staged, old_state, result):
-    """Steps 4 and 5 of the module docstring; the state is saved after each publish."""
-    fqrn, retries = settings.repository, settings.transaction_retries
-    union = server.union_dir(fqrn)
-    store = _store(settings)
-    plain = [c for c in plan.changes if c.op == "delete" or c.kind == sp.FILE]
-    ingests = [c for c in plan.changes if c.op != "delete" and c.kind == sp.TARBALL]
-    tarball_parents = sorted({c.path.rpartition("/")[0] for c in ingests} - {""})
-    missing_parents = [p for p in tarball_parents if not os.path.isdir(os.path.join(union, p))]
-    state = dict(old_state)
-    if not plain and not missing_parents and not ingests:
-        if result.state_rebuilt is not None:
-            store.save(plan.new_state(state))  # the re-check verified everything: remember it
-        return
-
-    if plain or missing_parents:
-        store.publishing()  # before the transaction: a failure to write it must not leave one open
-        try:
-            cvmfs.with_busy_retries(lambda: server.transaction(fqrn), retries)
-        except BaseException:
-            store.done()
-            raise
-        result.changed = True
-        try:
-            apply_plain(union, plain, staged, missing_parents)
-        except ApplyError as exc:
-            store.done()
-            raise _failure(fqrn, "applying %s (/%s)" % (exc.change.key, exc.change.path), exc.reason, server,
-                           dict(result.progress(), key=exc.change.key))
-        except BaseException as exc:
-            store.done()
-            raise _failure(fqrn, "applying changes", "%s: %s" % (type(exc).__name__, exc), server,
-                           result.progress())
-        try:
-            output = server.publish(fqrn)[1]
-        except PublisherError as exc:
-            store.done()
-            raise _failure(fqrn, "publishing", exc.msg, server, result.progress())
-        state = plan.new_state(state, plain)
-        store.save(state)
-        result.published(cvmfs.published_revision(server, fqrn, output), len(plain))
-
-    for change in ingests:
-        exists = os.path.isdir(os.path.join(union, change.path))
-        store.publishing()
-        result.changed = True
-        try:
-            output = cvmfs.with_busy_retries(
-                functools.partial(server.ingest, fqrn, staged[change.key], change.path,
-                                  change.path if exists else None),
-                retries, what="ingest %s" % change.key)[1]
-        except PublisherError as exc:
-            store.done()
-            raise _failure(fqrn, "ingesting tarball %s into /%s" % (change.key, change.path), exc.msg, server,
-                           dict(result.progress(), key=change.key))
-        state = plan.new_state(state, [change])
-        store.save(state)
-        result.published(cvmfs.published_revision(server, fqrn, output), 1)
-
-
-def _failure(fqrn, what, reason, server, progress):
-    abort_error = cvmfs.abort_quietly(server, fqrn)
-    if abort_error:
-        tail = "; abort -f failed too, the repository may still be in a transaction: %s" % abort_error
-    else:
-        tail = "; the transaction was aborted, what was published before is intact"
-    return SyncError("sync of %s failed while %s: %s%s" % (fqrn, what, reason, tail), **progress)

@@ -1,8 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
-"""The sync engine's local file work: the staging folder, downloading into it, checking tarballs there, and
-applying staged files to the repository's union dir inside a transaction.
+"""The sync engine's local file work: the staging folder, downloading into it, checking tarballs there (applying
+what was staged is ``_sync_publish.py``).
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 """
@@ -111,82 +111,3 @@ def stage(objects, plan, folder, concurrency, old_state, judge=None, refuse=None
     # Deletions first, as the plan orders them.
     plan.changes = [c for c in kept if c.op == "delete"] + [c for c in kept if c.op != "delete"]
     return staged, downloaded
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Applying inside a transaction
-
-
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _place(staged, target):
-    """Move a staged file into the union dir (a rename when on the same file system, else a local copy)."""
-    if os.path.isdir(target) and not os.path.islink(target):
-        os.rmdir(target)  # only an emptied directory may be replaced by a file; rmdir refuses anything else
-    try:
-        os.replace(staged, target)
-    except OSError as exc:
-        if exc.errno != 18:  # EXDEV: the union dir is another file system (OverlayFS in production)
-            raise
-        shutil.copyfile(staged, target)
-        os.chmod(target, 0o644)
-
-
-def _prune_empty_dirs(union, rel_dirs):
-    """Remove directories emptied by deletions, deepest first, up to (not including) the repository root."""
-    for rel in sorted(rel_dirs, key=lambda p: p.count("/"), reverse=True):
-        while rel:
-            path = os.path.join(union, rel)
-            try:
-                os.rmdir(path)
-            except OSError:
-                break  # not empty, or already gone
-            rel = rel.rpartition("/")[0]
-
-
-def apply_plain(union, changes, staged, tarball_parents):
-    """Deletions, then files, then the parent folders tarballs need; raises ApplyError naming the object."""
-    emptied = set()
-    for change in changes:
-        if change.op == "delete":
-            with _naming_object(change):
-                _remove(os.path.join(union, change.path))
-                emptied.add(change.path.rpartition("/")[0])
-    for change in changes:
-        if change.op != "delete" and change.kind == sp.FILE:
-            with _naming_object(change):
-                target = os.path.join(union, change.path)
-                parent = os.path.dirname(target)
-                if not os.path.isdir(parent):
-                    os.makedirs(parent)
-                _place(staged[change.key], target)
-    _prune_empty_dirs(union, emptied - {""})
-    for rel in tarball_parents:
-        os.makedirs(os.path.join(union, rel), exist_ok=True)
-
-
-class ApplyError(Exception):
-    def __init__(self, change, reason):
-        super(ApplyError, self).__init__("%s %s -> /%s: %s" % (change.op, change.key, change.path, reason))
-        self.change = change
-        self.reason = reason
-
-
-class _naming_object:
-    """Turn an OSError while applying one change into an ApplyError that names the object."""
-
-    def __init__(self, change):
-        self.change = change
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if isinstance(exc, OSError):
-            raise ApplyError(self.change, exc.strerror or str(exc))
-        return False

@@ -15,13 +15,22 @@ version_added: 0.1.0
 description:
   - "Makes C(/cvmfs/<repository>) hold exactly what C(s3://<bucket>/<prefix>) holds: object C(<prefix><path>)
     becomes file C(/cvmfs/<repository>/<path>); folders are kept, folders emptied by deletions are removed."
-  - Tarballs (C(.tar), C(.tar.gz), C(.tgz)) are published with C(cvmfs_server ingest) into a folder named after
-    the tarball without its extension, replacing that folder's previous content in the same revision; deleting
-    the tarball object removes the folder. O(tarballs=false) publishes them as plain files.
+  - Tarballs (C(.tar), C(.tar.gz), C(.tgz)) are published as a folder named after the tarball without its
+    extension. A replaced tarball is unpacked in the staging folder (Python's safe extraction, filter C(data)) and
+    swapped for the folder's old content inside the plain-file transaction, so clients see the old content or
+    exactly the new members in one revision. A tarball whose folder does not exist yet is streamed (decompressed
+    on the fly) to C(cvmfs_server ingest -t -). Deleting the tarball object removes the folder.
+    O(tarballs=false) publishes them as plain files.
   - "New and changed objects are downloaded in parallel into a staging folder first; only then is a transaction
-    opened, the changes applied locally and published. Plain files and deletions are published in one
-    transaction; then each tarball with its own C(cvmfs_server ingest) (which opens its own transaction). Every
-    step is atomic: a failure aborts it (C(abort -f)) and leaves what was published before intact."
+    opened, the changes applied locally and published (C(publish -f), from C(/), so a reader holding a file open
+    never makes it fail). Plain files, deletions and replaced tarballs are published in one transaction, or in
+    several complete ones when applying would not fit in the gateway's lease time (O(max_lease_seconds)); then
+    each new tarball with its own C(cvmfs_server ingest). Every step is atomic: a failure aborts it
+    (C(abort -f)) and leaves what was published before intact. The revision is read from the repository's
+    C(rdonly) mount (attribute C(revision)), never from command output."
+  - "One sync per repository per host: the run holds a lock (C(<state_dir>/<repository>.lock)) from start to end;
+    a second run waits for it (O(lock_timeout)). Running as root, the files the sync writes are given to the
+    repository owner (C(CVMFS_USER)) before they are published."
   - What was published is remembered per repository in a state file (object key, ETag, size), written only
     after a successful publish. Without a trustworthy state file (first run, lost, corrupt, or a crash between
     publishing and recording) the module compares the whole bucket with the published files (size, and MD5 for
@@ -113,14 +122,31 @@ options:
     type: path
   abort_stale_transaction:
     description:
-      - A transaction already open when the module starts (left by a crash) is aborted with C(abort -f) first.
-        With V(false) the module fails instead.
+      - A transaction (or a lone C(session_token)) left open by an interrupted sync is aborted with C(abort -f)
+        first. With V(false) the module fails instead.
+      - A transaction the sync did not open (an operator's C(cvmfs_server transaction), another tool's) is never
+        aborted: the module fails naming it and the commands that close it. The sync recognises its own by the
+        marker C(<state_dir>/<repository>.transaction) it writes before opening one.
     type: bool
     default: true
+  lock_timeout:
+    description:
+      - Seconds to wait for another sync of the same repository on this host (the lock
+        C(<state_dir>/<repository>.lock)) before failing; the other run's transaction is never touched.
+    type: int
+    default: 3600
+  max_lease_seconds:
+    description:
+      - The repository gateway's lease time (C(max_lease_time), 7200 by default on the gateway). Applying changes
+        may use a third of it, leaving the rest for C(publish); a sync that would take longer is split into several
+        transactions, each published complete. A single tarball ingest cannot be split.
+    type: int
+    default: 7200
   transaction_retries:
     description:
       - How many times opening a transaction (or an ingest) is retried, with jittered exponential backoff, when
-        C(cvmfs_server) exits with 16 (gateway lease busy) or 17 (already in a transaction).
+        C(cvmfs_server transaction) exits with 16 (gateway lease busy) or 17 (already in a transaction), or
+        C(cvmfs_server ingest) exits with 1 because it could not start its transaction.
     type: int
     default: 5
   max_reported_paths:
@@ -150,11 +176,12 @@ options:
         past 16 MiB, so small archives are never refused for tar's padding). Default 200.
     type: int
 notes:
-  - The state file and the staging folder must not be shared by two publishers of the same repository; run one
-    sync per repository at a time (the consumer does).
-  - With a real repository gateway, C(cvmfs_server ingest) refuses to delete and add in the same call
-    ("Could not delete and add a file in the same transaction while using gateway"), so replacing an already
-    published tarball needs a CernVM-FS release without that restriction; adding and removing tarballs works.
+  - The state file and the staging folder must not be shared by two publishers of the same repository; the lock
+    makes runs on one host take turns, the consumer's single active consumer does it across hosts.
+  - With a real repository gateway, C(cvmfs_server ingest) refuses to delete and add in the same call, and reads
+    uncompressed tar only; the module never asks it to (replacements go through the transaction, compressed
+    tarballs are decompressed on the fly).
+  - Replacing a tarball needs room in the staging folder for its unpacked content.
 seealso:
   - module: infn_cloud.cvmfs_publisher.cvmfs_repository
   - name: CernVM-FS ingest
@@ -245,21 +272,27 @@ objects_downloaded:
   returned: always
   type: int
 revision:
-  description: The last revision this run published; null when nothing was published (or the tool did not say).
+  description: The last revision this run published, as the repository's C(rdonly) mount shows it; null when
+    nothing was published (or the attribute could not be read).
   returned: always
   type: int
 revisions:
-  description: Every revision this run published (the plain-file transaction, then one per tarball ingest).
+  description: Every revision this run published (the plain-file transactions, then one per new tarball ingest).
   returned: always
   type: list
   elements: int
+split_transactions:
+  description: How many extra transactions were needed because applying did not fit in the lease time.
+  returned: when a run was split
+  type: int
 stale_transaction_aborted:
-  description: Whether a transaction left open was found at start and aborted (or would be, in check mode).
+  description: Whether a transaction left open by an interrupted sync was found at start and aborted (or would be,
+    in check mode).
   returned: always
   type: bool
 durations:
   description: Seconds spent planning (listing or HeadObject, comparing), downloading, and with transactions
-    open (apply, publish, ingests).
+    open (apply, publish, ingests); C(lock_wait) when the run waited for another sync of the repository.
   returned: always
   type: dict
   sample: {"plan": 0.41, "download": 3.2, "transaction": 0.8}
@@ -272,6 +305,10 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import DEFAULT_PREFIX
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._refusals import DEFAULT_REPORT_KEY
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._tarball import LIMIT_OPTIONS
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._transaction import (
+    DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_MAX_LEASE_SECONDS,
+)
 
 ARGUMENT_SPEC = dict(
     repository=dict(type="str", required=True, aliases=["fqrn", "name"]),
@@ -287,6 +324,8 @@ ARGUMENT_SPEC = dict(
     transaction_retries=dict(type="int", default=5),
     max_reported_paths=dict(type="int", default=100),
     report_key=dict(type="str", default=DEFAULT_REPORT_KEY, no_log=False),
+    lock_timeout=dict(type="int", default=DEFAULT_LOCK_TIMEOUT),
+    max_lease_seconds=dict(type="int", default=DEFAULT_MAX_LEASE_SECONDS),
     **LIMIT_OPTIONS
 )
 

@@ -145,11 +145,9 @@ class Recorder:
 @pytest.mark.parametrize("call,argv", [
     (lambda s: s.transaction(FQRN), ["transaction", FQRN]),
     (lambda s: s.transaction(FQRN, retry_timeout=30, subpath="/sw/x/"), ["transaction", "-t", "30", FQRN + "/sw/x"]),
-    (lambda s: s.publish(FQRN), ["publish", FQRN]),
+    (lambda s: s.publish(FQRN), ["publish", "-f", FQRN]),
     (lambda s: s.abort(FQRN), ["abort", "-f", FQRN]),
-    (lambda s: s.ingest(FQRN, "/tmp/a.tar", "sw/a"), ["ingest", "-t", "/tmp/a.tar", "-b", "sw/a", FQRN]),
-    (lambda s: s.ingest(FQRN, "-", "sw/a", delete_path="sw/a"),
-     ["ingest", "-t", "-", "-b", "sw/a", "-d", "sw/a", FQRN]),
+    (lambda s: s.ingest_delete(FQRN, "sw/a"), ["ingest", "-d", "sw/a", FQRN]),
     (lambda s: s.rmfs(FQRN, keep_keys=True), ["rmfs", "-f", "-p", FQRN]),
     (lambda s: s.mkfs(FQRN, STRATUM0, UPSTREAM, "/k", "cvmfs"),
      ["mkfs", "-w", STRATUM0, "-u", UPSTREAM, "-k", "/k", "-o", "cvmfs", FQRN]),
