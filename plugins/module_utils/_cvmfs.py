@@ -266,14 +266,28 @@ class CvmfsServer:
                 return parse_server_conf(handle.read())
         except FileNotFoundError:
             if os.path.isdir(self.config_dir(fqrn)):
-                raise CvmfsError("repository %s is half-created: %s exists without server.conf; remove it with "
-                                 "'cvmfs_server rmfs -f %s' and run again" % (fqrn, self.config_dir(fqrn), fqrn))
+                return {}  # half-created: the folder without server.conf (see missing_parts)
             return None
         except (IOError, OSError) as exc:
             raise CvmfsError("cannot read %s: %s" % (path, exc.strerror or exc))
 
     def in_transaction(self, fqrn):
         return os.path.exists(os.path.join(self.spool_dir(fqrn), "in_transaction.lock"))
+
+    def missing_parts(self, fqrn):
+        """What a repository whose configuration exists lacks to be usable: mkfs writes server.conf *before*
+        importing keys and creating the spool and the union mount, so a failed mkfs leaves config without them."""
+        missing = []
+        if not os.path.isfile(self.server_conf(fqrn)):
+            missing.append(self.server_conf(fqrn))
+        for suffix in ("crt", "pub", "gw"):
+            path = os.path.join(self.default_keys_dir(), "%s.%s" % (fqrn, suffix))
+            if not os.path.isfile(path):
+                missing.append(path)
+        for folder in (self.spool_dir(fqrn), self.union_dir(fqrn)):
+            if not os.path.isdir(folder):
+                missing.append(folder)
+        return missing
 
     def has_session_token(self, fqrn):
         return os.path.exists(self.session_token(fqrn))

@@ -63,7 +63,8 @@ def _ensure_present(server, fqrn, params, check_mode):
     stratum0 = params["stratum0_url"]
     upstream = upstream_storage(params["txn_dir"] or default_txn_dir(fqrn), params["gateway_url"])
     before = server.repository_facts(fqrn)
-    if before["exists"]:
+    missing = server.missing_parts(fqrn) if before["exists"] else []
+    if before["exists"] and not missing:
         problems = repository_mismatches(
             {"CVMFS_STRATUM0": before["stratum0"], "CVMFS_UPSTREAM_STORAGE": before["upstream"]}, stratum0, upstream)
         if problems:
@@ -73,20 +74,39 @@ def _ensure_present(server, fqrn, params, check_mode):
         return dict(changed=False, repository=before), before, before
     keys_dir = params["keys_dir"] or server.default_keys_dir()
     owner = params["owner"] or pwd.getpwuid(os.geteuid()).pw_name
+    # A half-created repository (mkfs writes its config before keys, spool and mount) is never reported present:
+    # it is removed (keeping the keys mkfs imports from) and created again.
+    keep_keys = os.path.realpath(keys_dir) == os.path.realpath(server.default_keys_dir())
+    extra = {}
+    if missing:
+        before = dict(before, exists=False)
+        extra = dict(repaired=missing, warnings=["repository %s was half-created (missing: %s): it is removed and "
+                                                 "created again" % (fqrn, ", ".join(missing))])
     if check_mode:
         predicted = dict(before, exists=True, stratum0=stratum0, upstream=upstream, owner=owner, in_transaction=False)
         command = server.mkfs(fqrn, stratum0, upstream, keys_dir, owner, check_mode=True)
-        return dict(changed=True, command=command, repository=predicted), before, predicted
-    missing = keys.missing_key_files(keys_dir, fqrn)
-    if missing:
+        if missing:
+            command = "%s; %s" % (server.rmfs(fqrn, keep_keys=keep_keys, check_mode=True), command)
+        return dict(extra, changed=True, command=command, repository=predicted), before, predicted
+    missing_keys = keys.missing_key_files(keys_dir, fqrn)
+    if missing_keys:
         raise CvmfsError("cannot create %s: key file%s %s missing (install the keys first, e.g. with "
                          "infn_cloud.cvmfs_publisher.vault_repository_keys)"
-                         % (fqrn, "s" if len(missing) > 1 else "", ", ".join(missing)))
-    command = server.mkfs(fqrn, stratum0, upstream, keys_dir, owner)
+                         % (fqrn, "s" if len(missing_keys) > 1 else "", ", ".join(missing_keys)))
+    removed = ""
+    if missing:
+        try:
+            removed = server.rmfs(fqrn, keep_keys=keep_keys) + "; "
+        except CvmfsError as exc:
+            raise CvmfsError("repository %s is half-created (missing: %s) and could not be removed: %s; remove it "
+                             "with '%s', then run again" % (fqrn, ", ".join(missing), exc.msg,
+                                                           server.rmfs(fqrn, keep_keys=keep_keys, check_mode=True)),
+                             missing=missing)
+    command = removed + server.mkfs(fqrn, stratum0, upstream, keys_dir, owner)
     after = server.repository_facts(fqrn)
     if not after["exists"]:
         raise CvmfsError("%s succeeded but %s does not exist" % (command, server.server_conf(fqrn)))
-    return dict(changed=True, command=command, repository=after), before, after
+    return dict(extra, changed=True, command=command, repository=after), before, after
 
 
 def _ensure_absent(server, fqrn, params, check_mode):

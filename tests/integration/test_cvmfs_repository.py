@@ -157,3 +157,33 @@ def test_invalid_repository_names(stack, fqrn, reason):
                                          cvmfs_root=stack["CVMFS_STANDIN_ROOT"]))
     assert rc != 0 and result["failed"]
     assert reason in result["msg"] and repr(fqrn) in result["msg"]
+
+
+def test_half_created_repository_is_never_present_and_is_repaired(stack, repository):
+    """Contract: mkfs writes server.conf before importing keys and creating spool and union, so a failed mkfs
+    (here: the .gw key missing) leaves config without them; "config exists" alone does not prove a repository."""
+    fqrn, keys_dir = repository["fqrn"], repository["keys_dir"]
+    gw = keys_dir / (fqrn + ".gw")
+    saved = gw.read_bytes()
+    gw.unlink()
+    failed = cvmfs_server(stack, "mkfs", "-w", repository["stratum0"], "-u", repository["upstream"], "-k",
+                          str(keys_dir), "-o", CURRENT_USER, fqrn)
+    assert failed.returncode == 1 and repository["server_conf"].exists()
+    gw.write_bytes(saved)
+    gw.chmod(0o400)
+    spool = repository["root"] / "var" / "spool" / "cvmfs" / fqrn
+
+    rc, predicted = run_module(MODULE, repository["args"], check=True, diff=True)
+    assert rc == 0 and predicted["changed"], predicted
+    assert predicted["diff"]["before"]["exists"] is False, "a half-created repository is never reported present"
+    assert str(spool) in predicted["repaired"] and predicted["command"].startswith(
+        "%s rmfs -f -p %s; " % (stack["CVMFS_SERVER_BIN"], fqrn))
+    assert not spool.exists()
+
+    rc, repaired = run_module(MODULE, repository["args"])
+    assert rc == 0 and repaired["changed"] and repaired["repository"]["exists"], repaired
+    assert any("half-created" in warning for warning in repaired.get("warnings", []))
+    assert spool.is_dir() and cvmfs_server(stack, "transaction", fqrn).returncode == 0
+    cvmfs_server(stack, "abort", "-f", fqrn)
+    rc, again = run_module(MODULE, repository["args"])
+    assert rc == 0 and not again["changed"], again
