@@ -125,7 +125,7 @@ options:
       - A transaction (or a lone C(session_token)) left open by an interrupted sync is aborted with C(abort -f)
         first. With V(false) the module fails instead.
       - A transaction the sync did not open (an operator's C(cvmfs_server transaction), another tool's) is never
-        aborted: the module fails naming it and the commands that close it. The sync recognises its own by the
+        aborted; the module fails naming it and the commands that close it. The sync recognises its own by the
         marker C(<state_dir>/<repository>.transaction) it writes before opening one.
     type: bool
     default: true

@@ -36,9 +36,13 @@ FAKE_SERVER = textwrap.dedent("""\
             conf.write("# Created by cvmfs_server.\\nCVMFS_REPOSITORY_NAME=%%s\\nCVMFS_USER=%%s\\n"
                        "CVMFS_STRATUM0=%%s\\nCVMFS_UPSTREAM_STORAGE=%%s\\n"
                        %% (args[-1], opts["-o"], opts["-w"], opts["-u"]))
+        for folder in ("var/spool/cvmfs", "cvmfs"):  # the spool and the union mount
+            os.makedirs(os.path.join(root, folder, args[-1]))
     elif args[0] == "rmfs":
         os.remove(os.path.join(conf_dir, "server.conf"))
         os.rmdir(conf_dir)
+        for folder in ("var/spool/cvmfs", "cvmfs"):
+            os.rmdir(os.path.join(root, folder, args[-1]))
 """) % sys.executable
 
 
@@ -287,7 +291,7 @@ def test_absent_default_deletes_keys_with_rmfs(repo_module, root):
 def test_in_transaction_from_the_spool_lock(repo_module, root):
     repo_module()
     spool = root / "var/spool/cvmfs" / FQRN
-    spool.mkdir(parents=True)
+    spool.mkdir(parents=True, exist_ok=True)
     (spool / "in_transaction.lock").write_text("")
     assert repo_module()["repository"]["in_transaction"] is True
 

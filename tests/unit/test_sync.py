@@ -12,6 +12,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_sync
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _transaction
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import (
     ObjectGone,
     TransferError,
@@ -194,11 +195,21 @@ def test_a_failed_download_opens_no_transaction_and_records_nothing(server):
 
 
 def test_a_stale_transaction_is_aborted_first_or_refused(server):
+    marker = _transaction.TransactionMarker(settings(server).state_dir, FQRN)
+    marker.opening("transaction")  # as a sync killed inside its transaction leaves it
     server.transaction(FQRN)
-    with pytest.raises(_sync.SyncError, match="already in a transaction"):
+    marker.opened(server, FQRN)
+    with pytest.raises(_sync.SyncError, match="left by an interrupted sync"):
         _sync.sync(settings(server, abort_stale_transaction=False), server, FakeBucket())
     result = _sync.sync(settings(server), server, FakeBucket({"cvmfs/a": b"a"}))
     assert result.stale_transaction_aborted and result.changed and result.revisions == [1]
+
+
+def test_a_transaction_this_sync_did_not_open_is_refused_and_kept(server):
+    server.transaction(FQRN)
+    with pytest.raises(_sync.SyncError, match="that this sync did not open"):
+        _sync.sync(settings(server), server, FakeBucket({"cvmfs/a": b"a"}))
+    assert server.in_transaction(FQRN)
 
 
 def test_a_missing_repository_is_named_before_the_bucket_is_read(server):
