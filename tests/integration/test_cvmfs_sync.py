@@ -1,5 +1,8 @@
 """cvmfs_sync against the local stack: real RGW, the cvmfs_server stand-in, real ansible for the operator's view."""
+import io
+import json
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
