@@ -85,7 +85,12 @@ def server(tmp_path):
                               capture_output=True, text=True, timeout=120, check=False)
         return proc.returncode, proc.stdout, proc.stderr
 
-    server = cvmfs.CvmfsServer("cvmfs_server", root, runner)
+    # The same stand-in as an executable, for commands fed through stdin (ingest -t - of a compressed tarball).
+    wrapper = tmp_path / "cvmfs_server"
+    wrapper.write_text("#!/bin/sh\nCVMFS_STANDIN_ROOT='%s' CVMFS_STANDIN_RACY_WINDOW_MS=0 exec '%s' '%s' \"$@\"\n"
+                       % (root, sys.executable, DEVSTACK / "cvmfs_server"))
+    wrapper.chmod(0o755)
+    server = cvmfs.CvmfsServer(str(wrapper), root, runner)
     keys = tmp_path / "keys"
     keys.mkdir()
     for suffix in ("crt", "pub", "gw"):
