@@ -21,6 +21,10 @@ description:
     the tool's messages.
   - An existing repository created with another Stratum-0 URL or upstream is never recreated (that would drop its
     local state); the module fails and names both values.
+  - "A half-created repository (C(mkfs) writes the configuration before importing the keys and creating the spool
+    and union folder, so a failed C(mkfs) leaves one) is never reported as present: it is removed
+    (C(rmfs -f), keeping the keys it would import again) and created again, with a warning naming what was
+    missing."
   - The keys C(<fqrn>.crt), C(<fqrn>.pub) and C(<fqrn>.gw) must be in O(keys_dir) before the repository is created;
     M(infn_cloud.cvmfs_publisher.vault_repository_keys) installs them.
 author:
@@ -146,6 +150,12 @@ command:
   returned: when changed
   type: str
   sample: cvmfs_server rmfs -f alice.infn.it
+repaired:
+  description: What a half-created repository lacked (its keys in C(/etc/cvmfs/keys), spool, union folder) before
+    it was removed and created again.
+  returned: when a half-created repository was found
+  type: list
+  elements: str
 """
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
