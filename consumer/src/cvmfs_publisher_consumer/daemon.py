@@ -20,6 +20,7 @@ from . import amqp, contract, guard, spread
 from .batching import CHANGES, FULL, PROVISION, Batch, Pending, RetryPolicy, Scheduler, reconnect_delays
 from .config import Config, read_secret
 from .depths import DepthProbe
+from .failures import Failures
 from .logs import fields
 from .messages import MessageError, parse_provision, parse_s3_event, short_name, touched_keys
 from .metrics import Metrics
@@ -69,7 +70,7 @@ class Daemon:
                                  config["sync.retry_max_delay"])
         self.scheduler = Scheduler(config["sync.max_parallel"], config["sync.full_reconcile_interval"],
                                    config["sync.full_sync_threshold"], backoff=self.retry.delay)
-        self._dead_lettered: Set[str] = set()    # repositories with transient dead letters a full sync supersedes
+        self.failures = Failures(self.broker, self.metrics, self.scheduler, self.retry)
         self.repositories: Dict[str, str] = {}   # short name (queue, bucket) -> fqrn
         self._missing_queues: Set[str] = set()
         self._sac_checked: Set[str] = set()
@@ -146,18 +147,8 @@ class Daemon:
         self._next_rescan = 0.0
         self._next_spread = time.monotonic() + self.config["cluster.spread_interval"]
         self._rescan()
-        self._find_dead_letters()
+        self.failures.find_left(self.repositories)
         self._save_status()
-
-    def _find_dead_letters(self):
-        """Repositories left with transient dead letters (also by an earlier run of the daemon): a full sync."""
-        for origin, count in self.broker.sweep_dead_letters().items():
-            fqrn = self.repositories.get(origin)
-            if fqrn and fqrn not in self._dead_lettered:
-                log.info("%d dead-lettered message(s) of %s: a full sync will supersede them", count, fqrn,
-                         extra=fields(event="reconcile_scheduled", repository=fqrn, count=count))
-                self._dead_lettered.add(fqrn)
-                self.scheduler.reconcile_soon(fqrn)
 
     def _disconnected(self, exc):
         was_connected = self.metrics.is_connected
@@ -495,8 +486,8 @@ class Daemon:
                 self.status.published(batch.lane, batch.mode, len(batch.keys))
                 self.metrics.last_publish.labels(batch.lane).set(now)
                 self._record_refusals(batch.lane, result.refusals)
-                if batch.mode == FULL and batch.lane in self._dead_lettered:
-                    self._clear_dead_letters(batch.lane)
+                if batch.mode == FULL:
+                    self.failures.after_full_sync(batch.lane)
         elif self._cancel_runs and result.outcome == "canceled":
             log.warning("run interrupted by the shutdown: %s %s; its messages go back to the queue", batch.mode,
                         batch.lane, extra=fields(event="run_interrupted", **log_fields))
@@ -510,44 +501,13 @@ class Daemon:
                 self.status.provisioning(batch.lane, "failed")
                 self._retry_provision(batch, result, now)
             else:
-                self._retry_or_dead_letter(batch, result, label, now)
+                self.failures.after_failure(batch, result.error, label, now)
         self._save_status()
 
     def _acknowledge(self, batch: Batch, label: str):
         for message in batch.messages:
             if self.broker.ack(message.ref):
                 self.metrics.acked.labels(label).inc()
-
-    def _retry_or_dead_letter(self, batch: Batch, result: RunResult, label: str, now: float):
-        dead, reason = 0, ""
-        for message in batch.messages:
-            decision = self.retry.after_failure(message, now)
-            if decision.action == "dead-letter":
-                reason = "%s run failed %d times; last error: %s" % (batch.mode, decision.attempts, result.error)
-                if self.broker.dead_letter(message.ref, reason, decision.attempts, amqp.TRANSIENT):
-                    self.metrics.dead_lettered.labels(label, "failed").inc()
-                    dead += 1
-            elif self.broker.retry_later(message.ref, decision.attempts, decision.not_before):
-                self.metrics.retried.labels(label).inc()
-        if dead:
-            log.error("dead-lettered %d message(s) of %s: %s", dead, batch.lane, reason,
-                      extra=fields(event="dead_letter", repository=batch.lane, reason=reason, count=dead,
-                                   cause=amqp.TRANSIENT))
-            if batch.mode != PROVISION:
-                self._dead_lettered.add(batch.lane)
-                self.scheduler.reconcile_soon(batch.lane)
-
-    def _clear_dead_letters(self, fqrn: str):
-        """A full sync succeeded: the repository's transient dead letters are superseded."""
-        try:
-            removed = self.broker.sweep_dead_letters(remove_from={short_name(fqrn)}).get(short_name(fqrn), 0)
-        except pika.exceptions.AMQPChannelError as exc:
-            log.warning("could not clear the dead letters of %s: %s", fqrn, exc,
-                        extra=fields(event="dead_letters_kept", repository=fqrn))
-            return
-        self._dead_lettered.discard(fqrn)
-        log.info("full sync of %s succeeded: removed its %d dead-lettered message(s)", fqrn, removed,
-                 extra=fields(event="dead_letters_cleared", repository=fqrn, count=removed))
 
     # -- what operators look at ----------------------------------------------------------------------------
 
