@@ -98,9 +98,9 @@ def _ensure_present(server, fqrn, params, check_mode):
         try:
             removed = server.rmfs(fqrn, keep_keys=keep_keys) + "; "
         except CvmfsError as exc:
+            fix = server.rmfs(fqrn, keep_keys=keep_keys, check_mode=True)
             raise CvmfsError("repository %s is half-created (missing: %s) and could not be removed: %s; remove it "
-                             "with '%s', then run again" % (fqrn, ", ".join(missing), exc.msg,
-                                                           server.rmfs(fqrn, keep_keys=keep_keys, check_mode=True)),
+                             "with '%s', then run again" % (fqrn, ", ".join(missing), exc.msg, fix),
                              missing=missing)
     command = removed + server.mkfs(fqrn, stratum0, upstream, keys_dir, owner)
     after = server.repository_facts(fqrn)
