@@ -49,7 +49,9 @@ class Site:
         self.fqrn = name + ".infn.it"
         self.publisher_queue, self.dlq = "publisher-" + name, name + ".dlq"
         self.slow_flag, self.in_publish = folder / "slow", folder / "in-publish"
-        self.marker = "%d.%s" % (PUBLISH_DELAY, name[1:])  # `sleep 8.<hex>`: this suite's sleeps, nobody else's
+        # `sleep 8.<digits>`: this suite's sleeps, nobody else's (decimal digits only: `sleep` refuses hex letters
+        # at once, and the transaction would close before the test looks)
+        self.marker = "%d.%d" % (PUBLISH_DELAY, int(name[1:], 16))
         wrapper = folder / "cvmfs_server"
         script = ("#!/bin/sh\nif [ \"$1\" = publish ] && [ -e '%s' ]; then : > '%s'; sleep %s; fi\nexec '%s' \"$@\"\n"
                   % (self.slow_flag, self.in_publish, self.marker, stack["CVMFS_SERVER_BIN"]))
