@@ -14,7 +14,8 @@ import pytest
 
 from cvmfs_publisher_consumer import amqp
 from cvmfs_publisher_consumer.config import load
-from cvmfs_publisher_consumer.daemon import Daemon, discover_repositories
+from cvmfs_publisher_consumer.daemon import Daemon
+from cvmfs_publisher_consumer.repositories import discover_repositories
 from cvmfs_publisher_consumer.runner import RunResult
 from cvmfs_publisher_consumer.status import StatusFile
 
@@ -193,10 +194,10 @@ def started(daemon, count):
 
 def settle(daemon, runs=1):
     """Let ``runs`` fake runs finish and the I/O thread settle them (no wait once they are settled)."""
-    goal = daemon._in_flight - runs
+    goal = daemon.workers.in_flight - runs
     deadline = time.monotonic() + 10
-    while daemon._in_flight > goal:
-        assert time.monotonic() < deadline, "%d run(s) not settled" % (daemon._in_flight - goal)
+    while daemon.workers.in_flight > goal:
+        assert time.monotonic() < deadline, "%d run(s) not settled" % (daemon.workers.in_flight - goal)
         daemon._settle_finished(timeout=0.5)
 
 
@@ -397,9 +398,9 @@ def test_shutdown_requeues_waiting_messages_and_finishes_running_ones(daemon):
 
 
 def test_a_queue_that_cannot_be_consumed_is_reported_and_skipped(daemon, caplog):
-    daemon._subscribe("forbidden", "forbidden.infn.it")
-    daemon._subscribe("missing", "missing.infn.it")
-    assert daemon._missing_queues == {"forbidden", "missing"}
+    daemon.subscriptions.subscribe("forbidden.infn.it")
+    daemon.subscriptions.subscribe("missing.infn.it")
+    assert daemon.subscriptions.missing_queues == {"forbidden", "missing"}
     assert any("ACCESS_REFUSED" in record.getMessage() for record in caplog.records)
     assert set(daemon.broker.callbacks) == {"publisher", REGISTRY, "alice", "bob"}
 
@@ -495,26 +496,27 @@ def test_a_failed_provisioning_is_retried_here_and_never_dead_lettered(daemon):
 def test_positions_above_the_fair_share_are_given_up_and_who_is_active_is_reported(daemon):
     from prometheus_client import generate_latest
 
-    from cvmfs_publisher_consumer.spread import View
+    from cvmfs_publisher_consumer.spread import Looker, View
     me = daemon.host_id
     daemon.broker.queues |= {"carol", "dave"}
     for short in ("carol", "dave"):
-        daemon._subscribe(short, short + ".infn.it")
+        daemon.subscriptions.subscribe(short + ".infn.it")
     queues = ["alice", "bob", "carol", "dave"]
     view = View(active={q: me for q in queues}, standby={q: {"other"} for q in queues})
 
     class Management:
         def view(self):
             return view
-    daemon.management = Management()
+    daemon.looker = Looker(Management(), interval=60)
     daemon.runner.auto = False
     daemon.broker.deliver("alice", event("cvmfs/a"))       # alice is busy: its position is not given up
     daemon._start_ready()
     started(daemon, 1)
-    daemon._next_spread = 0
-    daemon._spread()                                       # asks for the view (in the background) ...
-    daemon._view.result(timeout=10)
-    daemon._spread()                                       # ... and acts on it
+    deadline = time.monotonic() + 10
+    while not daemon.broker.released:                      # asks for the view (in the background), then acts on it
+        assert time.monotonic() < deadline, "the view was never acted on"
+        daemon._spread()
+        time.sleep(0.01)
     assert daemon.broker.released == ["bob", "carol"]     # 4 of 4 with 2 hosts: 2 go, idle ones only
     assert {"bob", "carol"} <= set(daemon.broker.callbacks)  # subscribed again, as a standby
     status = StatusFile.read(daemon.config["state_dir"])
@@ -538,7 +540,7 @@ def test_a_half_made_repository_is_not_consumed_until_its_provisioning_succeeds(
     daemon._start_ready()
     settle(daemon)
     (project["tmp"] / "repositories.d" / "carol.infn.it").mkdir()
-    daemon._next_rescan = 0.0
+    daemon.subscriptions.rescan_now()
     daemon._rescan()
     assert "carol" not in daemon.broker.callbacks
     assert StatusFile.read(daemon.config["state_dir"])["repositories"]["carol.infn.it"]["provisioning"] == "failed"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_publisher_consumer.config import load
-from cvmfs_publisher_consumer.runner import PlaybookRunner, module_death, outcome_of, secret_values
+from cvmfs_publisher_consumer.redact import secret_values
+from cvmfs_publisher_consumer.runner import PlaybookRunner, module_death, outcome_of
 
 PLAYBOOK_OK = """
 - hosts: localhost

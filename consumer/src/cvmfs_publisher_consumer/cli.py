@@ -8,6 +8,7 @@ import sys
 
 from . import dlq, logs
 from .config import ConfigError, listed, load
+from .redact import known_secrets
 from .status import StatusFile
 
 EXIT_CONFIG = 2
@@ -27,7 +28,7 @@ def cmd_check_config(config, _args) -> int:
 
 
 def cmd_run(config, _args) -> int:
-    from .daemon import Daemon, known_secrets  # pika, ansible-runner: only for the commands that need them
+    from .daemon import Daemon  # pika, ansible-runner: only for the commands that need them
     logs.setup(config["log.level"], secrets=known_secrets(config))
     try:
         return Daemon(config).run()
@@ -38,7 +39,7 @@ def cmd_run(config, _args) -> int:
 
 def cmd_status(config, args) -> int:
     from . import amqp
-    from .daemon import queue_depths
+    from .depths import queue_depths
     from .repositories import discover_repositories
     status = StatusFile.read(config["state_dir"]) or {}
     known = status.get("repositories", {})

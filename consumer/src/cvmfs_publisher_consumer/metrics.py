@@ -14,6 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 # How long the I/O loop may be silent before /healthz says unhealthy.
 LOOP_STALL_SECONDS = 30.0
+# The ``queue`` label of the message counters: the provisioning queue, or any repository's queue.
+PUBLISHER = "publisher"
+REPOSITORY = "repository"
 
 
 class Metrics:

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, List
+
+from .files import write_text_atomic
 
 FILE_NAME = "registry.json"
 
@@ -72,8 +74,16 @@ class Registry:
             self.applied[request.repository] = digest(request)
             self._save()
 
+    def drop_waiting(self, messages) -> List:
+        """Forget the registry entries among ``messages`` (Pending, waiting or interrupted): the next replay queues
+        them again. Returns the others, the AMQP messages, which the caller settles."""
+        kept = []
+        for message in messages:
+            if isinstance(message.ref, RegistryRef):
+                self.finished(message.request, succeeded=False)
+            else:
+                kept.append(message)
+        return kept
+
     def _save(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump({"applied": self.applied}, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"applied": self.applied}, indent=1, sort_keys=True))

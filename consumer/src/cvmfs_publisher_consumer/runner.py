@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
 import ansible_runner
-import yaml
 
 from .files import write_text_atomic
 from .guard import DAEMON_PID_ENV, REPORT_ENV
@@ -245,29 +244,3 @@ def _killed_by(report_path: str) -> Optional[int]:
     except (OSError, ValueError, AttributeError):
         return None
     return number if isinstance(number, int) else None
-
-
-def secret_values(extravars_files: Iterable[str], extra_paths: Iterable[str] = ()) -> List[str]:
-    """Contents of the secret files the operator's vars files point at (keys ending in ``_file``).
-
-    Read only to scrub them from kept artifacts and error messages, never logged.
-    """
-    paths = list(extra_paths)
-    for vars_file in extravars_files:
-        try:
-            with open(vars_file, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(data, dict):
-            paths.extend(v for k, v in data.items() if str(k).endswith("_file") and isinstance(v, str))
-    values = []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                value = handle.read().strip()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if value:
-            values.append(value)
-    return values

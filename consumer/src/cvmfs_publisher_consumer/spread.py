@@ -20,8 +20,10 @@ so it delays a move rather than causing one too many, and the next look corrects
 import base64
 import json
 import ssl
+import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
@@ -127,3 +129,35 @@ class ManagementApi:
 
     def view(self) -> View:
         return View.from_consumers(self.consumers())
+
+
+class Looker:
+    """Reads the view through ``management`` (a ManagementApi) every ``interval`` seconds, in a thread of its own:
+    the I/O thread polls it and goes on servicing the connection (heartbeats) while the API answers."""
+
+    def __init__(self, management: ManagementApi, interval: float):
+        self.management = management
+        self.interval = interval
+        self._next = 0.0
+        self._looking: Optional[Future] = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="spread")
+
+    def later(self):
+        """The next look in a full ``interval`` (after a connect: the consumers need time to show)."""
+        self._next = time.monotonic() + self.interval
+
+    def poll(self) -> Optional[View]:
+        """The view a look brought since the last call, else None (a look is started when one is due).
+        Raises the look's OSError (management API unreachable)."""
+        if self._looking is None:
+            if time.monotonic() >= self._next:
+                self._looking = self._thread.submit(self.management.view)
+            return None
+        if not self._looking.done():
+            return None
+        looked, self._looking = self._looking, None
+        self.later()
+        return looked.result()
+
+    def close(self):
+        self._thread.shutdown(wait=False)
