@@ -233,7 +233,7 @@ def _run(settings, server, objects, result, check_mode):
         result.durations["download"] = round(time.monotonic() - timer, 3)
         timer = time.monotonic()
         try:
-            Publisher(server, fqrn, settings, _store(settings), result).run(plan, staged, old_state, folder)
+            Publisher(server, fqrn, settings, _store(settings), result, refuse).run(plan, staged, old_state, folder)
         except PublisherError as exc:
             raise SyncError(exc.msg, **exc.details)
         result.durations["transaction"] = round(time.monotonic() - timer, 3)

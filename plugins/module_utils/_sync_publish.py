@@ -15,6 +15,9 @@ FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
    holds. The last transaction also creates the parent folders new tarballs need.
 3. One ``cvmfs_server ingest`` per new tarball (its folder does not exist yet), streamed and decompressed on the
    fly into ``ingest -t -``; ingest opens its own transaction, and exits 1 (never 16/17) when the lease is busy.
+   Any other failure of ingest is judged by a probe: when this host can still open (and abort) a transaction of
+   the repository, the gateway was reachable and refused that tarball itself, a permanent refusal of that object
+   (category ``ingest``); the other tarballs go on. When it cannot, the cause is transient and the run fails.
 
 Every transaction is marked as ours before it is opened (``_transaction.TransactionMarker``) and the state is saved
 after each publish. Files written while running as root are given to the repository owner (``CVMFS_USER``) before
@@ -33,9 +36,16 @@ import shutil
 import tarfile
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _refusals as refusals
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _transaction as txn
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
+
+
+def _last_lines(text, count=3):
+    """The end of a cvmfs_server message (where the reason is), on one line."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return " / ".join(lines[-count:])[-500:]
 
 
 class PublishError(PublisherError):
@@ -175,8 +185,9 @@ class Publisher:
     """Steps 1-3 of the module docstring for one run. ``result`` is the run's SyncResult, ``store`` its
     StateStore; the state is saved after each publish."""
 
-    def __init__(self, server, fqrn, settings, store, result):
+    def __init__(self, server, fqrn, settings, store, result, refuse=None):
         self.server = server
+        self.refuse = refuse  # refuse(change, category, reason): a per-object refusal (see _refusals)
         self.fqrn = fqrn
         self.settings = settings
         self.store = store
@@ -262,13 +273,34 @@ class Publisher:
                                     self.settings.transaction_retries, what="ingest %s" % change.key,
                                     busy=cvmfs.ingest_lease_busy)
         except PublisherError as exc:
-            raise self._failure("ingesting tarball %s into /%s" % (change.key, change.path), exc.msg,
-                                key=change.key)
+            failure = self._failure("ingesting tarball %s into /%s" % (change.key, change.path), exc.msg,
+                                    key=change.key)
+            refused = (self.refuse is not None and isinstance(exc, cvmfs.CvmfsCommandError)
+                       and not cvmfs.ingest_lease_busy(exc))
+            if not refused or not self._can_open_transaction():
+                raise failure
+            self.refuse(change, refusals.INGEST, "the gateway's ingest refused this tarball (exit code %d): %s"
+                        % (exc.rc, _last_lines(exc.msg)))
+            return state
         self.marker.closed()
         state = plan.new_state(state, [change])
         self.store.save(state)
         self.result.published(self.server.mounted_revision(self.fqrn), 1)
         return state
+
+    def _can_open_transaction(self):
+        """The probe after an ingest failure: open a transaction (marked as ours) and abort it at once. True when
+        the gateway and the repository work, so the failure was that tarball's own."""
+        try:
+            self._open()
+        except PublisherError:
+            return False
+        finally:
+            self.store.done()
+        if cvmfs.abort_quietly(self.server, self.fqrn):
+            return False
+        self.marker.closed()
+        return True
 
     def _failure(self, what, reason, **details):
         """Abort the transaction we opened (ingest aborts its own: 22 then) and describe the failure."""

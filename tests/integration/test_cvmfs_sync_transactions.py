@@ -78,6 +78,61 @@ def test_compressed_new_tarball_is_streamed_decompressed_to_ingest(repo):
     assert standin.publish_log(repo.root, repo.fqrn)[-1]["command"] == "ingest"
 
 
+def ingest_refusing_wrapper(repo, tmp_path):
+    """A cvmfs_server whose `ingest` of base dir `sw/bad` fails as a gateway refusing that tar does (exit 1,
+    "Synchronization failed"), counting its calls; while the file `down` exists, `transaction` fails too, as when
+    the gateway cannot be reached."""
+    wrapper, calls, down = tmp_path / "cvmfs_server_refusing_ingest", tmp_path / "ingest-calls", tmp_path / "down"
+    wrapper.write_text(
+        '#!/bin/sh\nif [ "$1" = ingest ] && [ "$5" = sw/bad ]; then echo x >> %s; '
+        'echo "Synchronization failed\n\nExecuted Command:\ncvmfs_swissknife ingest (injected)" >&2; exit 1; fi\n'
+        'if [ "$1" = transaction ] && [ -e %s ]; then echo "cannot reach the gateway (injected)" >&2; exit 1; fi\n'
+        'exec %s "$@"\n' % (calls, down, repo.bin))
+    wrapper.chmod(0o755)
+    return str(wrapper), calls, down
+
+
+def test_a_tarball_the_gateway_ingest_refuses_is_refused_alone_and_not_tried_again(repo, tmp_path):
+    """Issue 9: a tar that passed our checks but that the gateway's ingest refuses is a per-object refusal (the
+    probe could open a transaction, so the gateway works): everything else is published, the run succeeds, and
+    the same object is not tried again until it changes."""
+    wrapper, calls, _down = ingest_refusing_wrapper(repo, tmp_path)
+    repo.put("cvmfs/sw/bad.tgz", tgz({"x": b"x"}))
+    repo.put("cvmfs/sw/good.tgz", tgz({"y": b"y"}))
+    repo.put("cvmfs/plain", b"plain")
+    result = repo.sync(cvmfs_server_bin=wrapper)
+    assert repo.files() == {"sw/good/y": sha(b"y"), "plain": sha(b"plain")} and not repo.in_transaction()
+    [refused] = result["refusals"]["current"]
+    assert refused["key"] == "cvmfs/sw/bad.tgz" and refused["category"] == "ingest"
+    assert "the gateway's ingest refused this tarball (exit code 1)" in refused["reason"]
+    assert "Synchronization failed" in refused["reason"]
+    assert calls.read_text().count("x") == 1
+    again = repo.sync(cvmfs_server_bin=wrapper, mode="full")
+    assert calls.read_text().count("x") == 1, "an unchanged refused tarball was tried again"
+    assert again["refusals"]["count"] == 1 and repo.files() == {"sw/good/y": sha(b"y"), "plain": sha(b"plain")}
+    repo.delete("cvmfs/sw/bad.tgz")
+    cleared = repo.sync(cvmfs_server_bin=wrapper, mode="full")
+    assert cleared["refusals"]["count"] == 0 and cleared["refusals"]["cleared"] == ["cvmfs/sw/bad.tgz"]
+
+
+def test_an_ingest_failure_while_the_gateway_is_down_fails_the_run_to_be_retried(repo, tmp_path):
+    """The same ingest failure is transient when no transaction can be opened either (gateway unreachable): the
+    run fails naming the tarball, nothing is refused, and the retry publishes it once the gateway is back."""
+    wrapper, calls, down = ingest_refusing_wrapper(repo, tmp_path)
+    repo.put("cvmfs/sw/keep", b"keep")
+    repo.sync(cvmfs_server_bin=wrapper)  # the folder exists: the next run's only step is the ingest
+    repo.put("cvmfs/sw/bad.tgz", tgz({"x": b"x"}))
+    down.touch()
+    with pytest.raises(_sync.SyncError) as failure:
+        _sync.run(repo.params(cvmfs_server_bin=wrapper, transaction_retries=0))
+    assert "ingesting tarball cvmfs/sw/bad.tgz into /sw/bad" in failure.value.msg
+    assert "Synchronization failed" in failure.value.msg and not repo.in_transaction()
+    down.unlink()
+    result = repo.sync()  # the real stand-in: the gateway is back and takes the tarball
+    assert calls.read_text().count("x") == 1
+    assert result["refusals"]["count"] == 0 and repo.files() == {"sw/keep": sha(b"keep"), "sw/bad/x": sha(b"x")}
+
+
 # --- revision, publish -f, cwd ------------------------------------------------------------------------------------
 
 def test_revision_comes_from_the_rdonly_attribute_and_a_reader_never_fails_publish(repo):
