@@ -177,3 +177,23 @@ def test_dead_lettered_messages_bring_a_full_sync_once_the_lane_may_run_until_on
     assert full_again.mode == FULL
     scheduler.finished(full_again, succeeded=True, now=10)
     assert scheduler.take_ready(now=10 ** 6) == []     # done: no periodic reconcile configured
+
+
+def test_unasked_full_syncs_run_only_where_this_host_is_the_active_writer():
+    """Periodic and dead-letter full syncs run only on the repository's active host; a standby keeps them owed
+    (and runs them if it becomes active). Events it receives still run: only the active consumer gets any."""
+    active = set()
+    scheduler = Scheduler(max_parallel=4, full_interval=60, rng=NoJitter(), active=lambda lane: lane in active)
+    scheduler.track("a.x.org", now=0)
+    scheduler.reconcile_soon("b.x.org")
+    assert scheduler.take_ready(now=600) == []
+    assert scheduler.owes_full("b.x.org") and not scheduler.owes_full("a.x.org")
+    scheduler.add("a.x.org", sync(1, "k"))
+    [full] = scheduler.take_ready(now=600)             # a full was due: it covers the event it got
+    assert (full.lane, full.mode) == ("a.x.org", FULL)
+    scheduler.finished(full, True, 600)
+    active.add("b.x.org")
+    [owed] = scheduler.take_ready(now=601)
+    assert (owed.lane, owed.mode, owed.messages) == ("b.x.org", FULL, [])
+    scheduler.finished(owed, True, 601)
+    assert not scheduler.owes_full("b.x.org")

@@ -59,8 +59,12 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, max_parallel: int, full_interval: float = 0.0, full_threshold: int = 0,
-                 backoff: Callable[[int], float] = lambda failures: 0.0, rng: random.Random = None):
+                 backoff: Callable[[int], float] = lambda failures: 0.0, rng: random.Random = None,
+                 active: Callable[[str], bool] = lambda lane: True):
         self.max_parallel = max_parallel
+        # Whether this host is the repository's active writer: a full sync nobody asked for (periodic, or after
+        # dead letters) runs only there; with several hosts, the others would only repeat it.
+        self.active = active
         self.full_interval = full_interval
         # From this many distinct keys on, one listing of the bucket (full) is cheaper than a look at each key.
         self.full_threshold = full_threshold
@@ -80,6 +84,11 @@ class Scheduler:
     def reconcile_soon(self, lane: str):
         """Some of the lane's messages were dead-lettered: a full sync as soon as the lane may run."""
         self._lane(lane).needs_full = True
+
+    def owes_full(self, lane: str) -> bool:
+        """A full sync is owed after dead letters (this host keeps its active position until it ran)."""
+        state = self._lanes.get(lane)
+        return bool(state and state.needs_full)
 
     def backing_off(self, lane: str, now: float) -> float:
         """Seconds the lane still waits after a failed run (0: none)."""
@@ -132,7 +141,7 @@ class Scheduler:
             self._remove(state, same)
             return Batch(name, PROVISION, same, request=first)
         syncs = [m for m in state.pending if m.kind == CHANGES]
-        if state.needs_full or self._full_due(state, now):
+        if (state.needs_full or self._full_due(state, now)) and (syncs or self.active(name)):
             # A full sync also covers every waiting event.
             self._remove(state, syncs)
             return Batch(name, FULL, syncs)

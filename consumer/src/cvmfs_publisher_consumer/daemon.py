@@ -25,7 +25,7 @@ from .config import Config, read_secret
 from .depths import DepthProbe
 from .failures import Failures
 from .logs import fields
-from .messages import MessageError, parse_s3_event, touched_keys
+from .messages import MessageError, parse_s3_event, short_name, touched_keys
 from .metrics import PUBLISHER, REPOSITORY, Metrics
 from .provisioning import Provisioning
 from .redact import known_secrets
@@ -66,7 +66,8 @@ class Daemon:
         self.retry = RetryPolicy(config["sync.max_attempts"], config["sync.retry_initial_delay"],
                                  config["sync.retry_max_delay"])
         self.scheduler = Scheduler(config["sync.max_parallel"], config["sync.full_reconcile_interval"],
-                                   config["sync.full_sync_threshold"], backoff=self.retry.delay)
+                                   config["sync.full_sync_threshold"], backoff=self.retry.delay,
+                                   active=self._active_here)
         self.failures = Failures(self.broker, self.metrics, self.scheduler, self.retry, self.registry)
         self.provisioning = Provisioning(self.broker, config, self.registry, self.scheduler, self.metrics,
                                          self.failures)
@@ -245,9 +246,17 @@ class Daemon:
             self.status.repository(repositories[short])["active_host"] = view.active.get(short, "")
         self._save_status()
 
+    def _active_here(self, fqrn: str) -> bool:
+        """Is this host the active writer of ``fqrn``? As the last look at the management API says; with no
+        management API (one host) every repository it consumes counts."""
+        if self.looker is None:
+            return True
+        return short_name(fqrn) in self.placement.get("active", ())
+
     def _idle(self, short: str) -> bool:
         fqrn = self.subscriptions.repositories.get(short)
-        return self.scheduler.waiting(fqrn) == 0 and all(batch.lane != fqrn for batch in self.scheduler.running)
+        return (self.scheduler.waiting(fqrn) == 0 and not self.scheduler.owes_full(fqrn)
+                and all(batch.lane != fqrn for batch in self.scheduler.running))
 
     # -- messages (I/O thread) ------------------------------------------------------------------------------
 
