@@ -514,6 +514,32 @@ def test_failed_runs_retry_then_dead_letter_and_keep_no_secret(stack, s3, daemon
     # The fixture's teardown checks the log and every kept file for the stack's secrets.
 
 
+def test_a_provisioning_that_fails_half_way_is_completed_by_its_retry_and_only_then_consumed(stack, s3, daemons,
+                                                                                             unique_name):
+    """Issue 9: the request arrives before its bucket exists. Keys, repository, queue and topic are made, the
+    notification step fails: the run fails naming the step and what is missing, the daemon does not consume the
+    half-made repository's queue, and a retry once the bucket exists completes the provisioning (every step is
+    idempotent); only then are the bucket's uploads published."""
+    daemon = daemons(sync__max_attempts=30, sync__retry_initial_delay=1, sync__retry_max_delay=2).start()
+    fqrn = unique_name + ".infn.it"
+    seed_keys(stack, fqrn, "sub-" + unique_name)
+    publish(stack, daemon_queue(daemon), "%s,sub-%s,%s,P" % (unique_name, unique_name, fqrn))
+    [failed] = daemon.wait_for(lambda e: e.get("event") == "run_failed" and e.get("mode") == "provision"
+                               and e.get("repository") == fqrn, "the provisioning without a bucket did not fail")
+    assert "Notify the topic of changes under the bucket's prefix" in failed["error"], failed["error"]
+    assert "bucket '%s' does not exist" % unique_name in failed["error"], failed["error"]
+    assert (Path(stack["CVMFS_STANDIN_ROOT"]) / "etc/cvmfs/repositories.d" / fqrn).is_dir(), "half-made"
+    assert not [e for e in daemon.events() if e.get("event") == "consuming" and e.get("queue") == unique_name]
+    s3.create_bucket(Bucket=unique_name)
+    daemon.wait_for(lambda e: e.get("event") == "run_succeeded" and e.get("mode") == "provision"
+                    and e.get("repository") == fqrn, "the retry never completed the provisioning")
+    daemon.wait_for(lambda e: e.get("event") == "consuming" and e.get("queue") == unique_name,
+                    "the provisioned repository's queue was never consumed")
+    s3.put_object(Bucket=unique_name, Key="cvmfs/after.txt", Body=b"after\n")
+    assert "after.txt" in wait_published(stack, s3, fqrn, unique_name)
+    assert not drain_queue(stack, daemons.queues["dlq"])
+
+
 # -- the AMQP layer alone (fast: no playbooks) -----------------------------------------------------------
 
 def _broker(stack, dead_letter_queue):
