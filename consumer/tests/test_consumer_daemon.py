@@ -12,7 +12,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from cvmfs_publisher_consumer import amqp
+from cvmfs_publisher_consumer import amqp, spread
 from cvmfs_publisher_consumer.config import load
 from cvmfs_publisher_consumer.daemon import Daemon
 from cvmfs_publisher_consumer.repositories import discover_repositories
@@ -322,6 +322,23 @@ def test_dead_letters_left_by_an_earlier_daemon_bring_a_full_sync(daemon, caplog
     settle(daemon)
     assert daemon.runner.runs == [("sync_playbook", {"cvmfs_repository": "bob.infn.it", "cvmfs_sync_mode": "full"})]
     assert daemon.broker.dead_letters == [("bob", amqp.MALFORMED), ("gone", amqp.TRANSIENT)]
+
+
+def test_with_several_hosts_owed_full_syncs_run_only_where_this_host_is_active(daemon):
+    """With a management API (several hosts), the full sync owed after dead letters runs only for the
+    repositories this host is the active writer of; the others stay owed until it becomes active."""
+    daemon.looker = mock.create_autospec(spread.Looker, instance=True)   # several hosts
+    daemon.broker.dead_letters = [("alice", amqp.TRANSIENT), ("bob", amqp.TRANSIENT)]
+    daemon._connect()
+    daemon.placement = {"active": ["alice"], "standby": ["bob"], "hosts": {}}   # the last look said so
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs == [("sync_playbook", {"cvmfs_repository": "alice.infn.it", "cvmfs_sync_mode": "full"})]
+    assert daemon.scheduler.owes_full("bob.infn.it") and not daemon._idle("bob")
+    daemon.placement = {"active": ["alice", "bob"], "standby": [], "hosts": {}}
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1] == ("sync_playbook", {"cvmfs_repository": "bob.infn.it", "cvmfs_sync_mode": "full"})
 
 
 def test_after_a_failed_run_new_events_wait_for_the_backoff_other_repositories_do_not(daemon):
