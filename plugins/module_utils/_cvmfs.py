@@ -8,7 +8,8 @@ FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 Every path the real tool uses is taken under ``cvmfs_root`` (empty in production), so the same code drives the
 real ``cvmfs_server`` and the local stand-in. The repository's state is read from its files
 (``repositories.d/<fqrn>/server.conf``, the spool's ``in_transaction.lock``), never guessed from messages:
-the tool's exit codes and files are its contract, its wording is not. Key files: ``_cvmfs_keys.py``.
+the tool's exit codes and files are its contract, its wording is not. Key files: ``_cvmfs_keys.py``; retrying a
+busy lease and aborting quietly, as a sync does: ``_transaction.py``.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -17,14 +18,12 @@ __metaclass__ = type
 
 import gzip
 import os
-import random
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
-import time
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 
@@ -368,55 +367,6 @@ class CvmfsServer:
                 return self.run("ingest", "-t", "-", "-b", base_dir, fqrn, stdin=source)
         return self.run("ingest", "-t", tarball, "-b", base_dir, fqrn)
 
-    def ingest_delete(self, fqrn, path):
-        """``ingest -d <path>``: delete one path as a revision of its own (one path per call on a gateway)."""
-        return self.run("ingest", "-d", path, fqrn)
-
     def list(self):
         """The repositories of this host as dicts (name, type, upstream_type, in_transaction, flags)."""
         return parse_list_output(self.run("list")[1])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Driving cvmfs_server through a publish: busy retries, a quiet abort, the revision published
-
-# cvmfs_server exit codes worth another attempt: a lease held by another publisher, a transaction just opened.
-RETRYABLE_RCS = (RC_LEASE_BUSY, RC_ALREADY_IN_TRANSACTION)
-
-
-def transaction_busy(exc):
-    """``transaction`` could not get its lease now (16) or a transaction is open (17): worth waiting for."""
-    return exc.rc in RETRYABLE_RCS
-
-
-def ingest_lease_busy(exc):
-    """``ingest`` could not open its transaction: in gateway mode the script dies with 1 and "Impossible to start a
-    transaction" (never 16/17); any other exit 1 (a bad tar, a failed publish) is not worth retrying."""
-    return exc.rc == RC_NOT_FOUND and INGEST_NO_TRANSACTION in ((exc.stdout or "") + (exc.stderr or ""))
-
-
-def with_busy_retries(func, retries, sleep=time.sleep, what="open a transaction", busy=transaction_busy):
-    """Call ``func``; while ``busy(error)`` says the lease is busy, retry with jittered exponential backoff, then
-    fail with a message that says what was going on."""
-    for attempt in range(retries + 1):
-        try:
-            return func()
-        except CvmfsCommandError as exc:
-            if not busy(exc):
-                raise
-            if attempt >= retries:
-                why = ("another transaction is open on it" if exc.rc == RC_ALREADY_IN_TRANSACTION
-                       else "its lease path is busy (another publisher holds an overlapping lease)")
-                raise CvmfsError("cannot %s: %s; gave up after %d attempts (exit code %d): %s"
-                                 % (what, why, retries + 1, exc.rc, exc.msg), rc=exc.rc)
-            sleep(random.uniform(0.5, 1.0) * min(30.0, 2.0 ** attempt))
-
-
-def abort_quietly(server, fqrn):
-    """``abort -f``; returns None, or the text of its failure for the error message (22 = nothing to abort)."""
-    try:
-        server.abort(fqrn)
-    except CvmfsCommandError as exc:
-        if exc.rc != RC_NOT_IN_TRANSACTION:
-            return exc.msg
-    return None

@@ -255,7 +255,7 @@ class Publisher:
         self.store.publishing()  # before the transaction: a failure to write it must not leave one open
         self.marker.opening("transaction")
         try:
-            cvmfs.with_busy_retries(lambda: self.server.transaction(self.fqrn), self.settings.transaction_retries)
+            txn.with_busy_retries(lambda: self.server.transaction(self.fqrn), self.settings.transaction_retries)
         except BaseException:
             self.store.done()
             if not self.server.in_transaction(self.fqrn):
@@ -269,14 +269,14 @@ class Publisher:
         self.marker.opening("ingest %s" % change.key)
         self.result.changed = True
         try:
-            cvmfs.with_busy_retries(functools.partial(self.server.ingest, self.fqrn, tarball, change.path),
-                                    self.settings.transaction_retries, what="ingest %s" % change.key,
-                                    busy=cvmfs.ingest_lease_busy)
+            txn.with_busy_retries(functools.partial(self.server.ingest, self.fqrn, tarball, change.path),
+                                  self.settings.transaction_retries, what="ingest %s" % change.key,
+                                  busy=txn.ingest_lease_busy)
         except PublisherError as exc:
             failure = self._failure("ingesting tarball %s into /%s" % (change.key, change.path), exc.msg,
                                     key=change.key)
             refused = (self.refuse is not None and isinstance(exc, cvmfs.CvmfsCommandError)
-                       and not cvmfs.ingest_lease_busy(exc))
+                       and not txn.ingest_lease_busy(exc))
             if not refused or not self._can_open_transaction():
                 raise failure
             self.refuse(change, refusals.INGEST, "the gateway's ingest refused this tarball (exit code %d): %s"
@@ -305,7 +305,7 @@ class Publisher:
     def _failure(self, what, reason, **details):
         """Abort the transaction we opened (ingest aborts its own: 22 then) and describe the failure."""
         self.store.done()
-        abort_error = cvmfs.abort_quietly(self.server, self.fqrn)
+        abort_error = txn.abort_quietly(self.server, self.fqrn)
         if abort_error:
             tail = "; abort -f failed too, the repository may still be in a transaction: %s" % abort_error
         else:

@@ -2,7 +2,7 @@
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
 """Owning a repository's transactions on this host: one sync at a time, only our own stale transactions aborted,
-and transactions that fit the gateway's lease time.
+transactions that fit the gateway's lease time, a busy lease waited for and a failed run's transaction aborted.
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 
@@ -19,6 +19,9 @@ FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 - ``LeaseBudget``: a gateway lease lasts ``max_lease_time`` (gateway default 7200 s) and a commit on an expired
   lease is rejected; applying may use a third of ``max_lease_seconds`` and leaves the rest to ``publish`` (which
   re-reads and uploads what was applied). A sync that does not fit is split into several complete transactions.
+- ``with_busy_retries``: ``transaction`` (or a gateway ``ingest``) retried while another publisher holds the lease,
+  with jittered exponential backoff; ``abort_quietly``: the abort after a failure, whose own failure only adds to
+  the message.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -29,11 +32,12 @@ import errno
 import fcntl
 import json
 import os
+import random
 import socket
-import tempfile
 import time
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._files import write_atomically
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 
 DEFAULT_LOCK_TIMEOUT = 3600
@@ -153,15 +157,9 @@ class TransactionMarker:
         return recorded is None or recorded == _read_token(server, fqrn)
 
     def _write(self, data):
-        folder = os.path.dirname(self.path)
         try:
-            os.makedirs(folder, exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(temp, self.path)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            write_atomically(self.path, json.dumps(data))
         except (IOError, OSError) as exc:
             raise TransactionError("cannot write the transaction marker %s: %s" % (self.path, exc.strerror or exc))
 
@@ -220,3 +218,45 @@ class LeaseBudget:
 
     def exhausted(self):
         return self.opened_at is not None and self.clock() - self.opened_at >= self.apply_seconds
+
+
+# cvmfs_server exit codes worth another attempt: a lease held by another publisher, a transaction just opened.
+RETRYABLE_RCS = (cvmfs.RC_LEASE_BUSY, cvmfs.RC_ALREADY_IN_TRANSACTION)
+
+
+def transaction_busy(exc):
+    """``transaction`` could not get its lease now (16) or a transaction is open (17): worth waiting for."""
+    return exc.rc in RETRYABLE_RCS
+
+
+def ingest_lease_busy(exc):
+    """``ingest`` could not open its transaction: in gateway mode the script dies with 1 and "Impossible to start a
+    transaction" (never 16/17); any other exit 1 (a bad tar, a failed publish) is not worth retrying."""
+    return exc.rc == cvmfs.RC_NOT_FOUND and cvmfs.INGEST_NO_TRANSACTION in ((exc.stdout or "") + (exc.stderr or ""))
+
+
+def with_busy_retries(func, retries, sleep=time.sleep, what="open a transaction", busy=transaction_busy):
+    """Call ``func``; while ``busy(error)`` says the lease is busy, retry with jittered exponential backoff, then
+    fail with a message that says what was going on."""
+    for attempt in range(retries + 1):
+        try:
+            return func()
+        except cvmfs.CvmfsCommandError as exc:
+            if not busy(exc):
+                raise
+            if attempt >= retries:
+                why = ("another transaction is open on it" if exc.rc == cvmfs.RC_ALREADY_IN_TRANSACTION
+                       else "its lease path is busy (another publisher holds an overlapping lease)")
+                raise cvmfs.CvmfsError("cannot %s: %s; gave up after %d attempts (exit code %d): %s"
+                                       % (what, why, retries + 1, exc.rc, exc.msg), rc=exc.rc)
+            sleep(random.uniform(0.5, 1.0) * min(30.0, 2.0 ** attempt))
+
+
+def abort_quietly(server, fqrn):
+    """``abort -f``; returns None, or the text of its failure for the error message (22 = nothing to abort)."""
+    try:
+        server.abort(fqrn)
+    except cvmfs.CvmfsCommandError as exc:
+        if exc.rc != cvmfs.RC_NOT_IN_TRANSACTION:
+            return exc.msg
+    return None

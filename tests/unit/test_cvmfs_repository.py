@@ -10,6 +10,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_repository as repository
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _transaction as txn
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import cvmfs_repository
 
 FQRN = "alice.infn.it"
@@ -151,7 +152,6 @@ class Recorder:
     (lambda s: s.transaction(FQRN, retry_timeout=30, subpath="/sw/x/"), ["transaction", "-t", "30", FQRN + "/sw/x"]),
     (lambda s: s.publish(FQRN), ["publish", "-f", FQRN]),
     (lambda s: s.abort(FQRN), ["abort", "-f", FQRN]),
-    (lambda s: s.ingest_delete(FQRN, "sw/a"), ["ingest", "-d", "sw/a", FQRN]),
     (lambda s: s.rmfs(FQRN, keep_keys=True), ["rmfs", "-f", "-p", FQRN]),
     (lambda s: s.mkfs(FQRN, STRATUM0, UPSTREAM, "/k", "cvmfs"),
      ["mkfs", "-w", STRATUM0, "-u", UPSTREAM, "-k", "/k", "-o", "cvmfs", FQRN]),
@@ -318,7 +318,7 @@ def test_present_requires_urls(repo_module):
     assert result["failed"] and "stratum0_url" in result["msg"]
 
 
-# --- cvmfs_server retry policy (_cvmfs.with_busy_retries: no service needed) -------------------------------
+# --- cvmfs_server retry policy (_txn.with_busy_retries: no service needed) -------------------------------
 
 def busy(rc):
     return cvmfs.CvmfsCommandError(["cvmfs_server", "transaction", "alice.infn.it"], rc, "", "lease busy")
@@ -333,7 +333,7 @@ def test_busy_exit_codes_are_retried_with_growing_pauses_then_fail_clearly(rc):
         raise busy(rc)
 
     with pytest.raises(cvmfs.CvmfsError) as failure:
-        cvmfs.with_busy_retries(always_busy, retries=3, sleep=pauses.append)
+        txn.with_busy_retries(always_busy, retries=3, sleep=pauses.append)
     assert len(calls) == 4 and len(pauses) == 3
     assert pauses[0] < 1.01 and pauses[2] >= 2.0, "exponential backoff with jitter"
     assert "gave up after 4 attempts (exit code %d)" % rc in failure.value.msg
@@ -349,7 +349,7 @@ def test_busy_then_free_succeeds_and_other_failures_are_not_retried():
             raise answer
         return answer
 
-    assert cvmfs.with_busy_retries(flaky, retries=5, sleep=lambda s: None) == "opened"
+    assert txn.with_busy_retries(flaky, retries=5, sleep=lambda s: None) == "opened"
     with pytest.raises(Exception) as failure:
-        cvmfs.with_busy_retries(lambda: (_ for _ in ()).throw(busy(1)), retries=5, sleep=lambda s: None)
+        txn.with_busy_retries(lambda: (_ for _ in ()).throw(busy(1)), retries=5, sleep=lambda s: None)
     assert failure.value.rc == 1

@@ -12,6 +12,7 @@ import pytest
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_publish as publish
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _transaction as txn
+from tarballs import tarball_bytes
 
 FQRN = "alice.infn.it"
 
@@ -128,13 +129,7 @@ def test_lease_budget_leaves_two_thirds_for_publish():
 
 
 def plain_tar(members):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return tarball_bytes([("file", name, data) for name, data in members.items()])
 
 
 @pytest.fixture
@@ -173,8 +168,8 @@ def test_ingest_exit_1_is_retried_only_when_it_could_not_start_its_transaction()
         return cvmfs.CvmfsCommandError(["cvmfs_server", "ingest"], 1, "", text)
 
     busy = ingest_error("CernVM-FS transaction error: path_busy\nImpossible to start a transaction")
-    assert cvmfs.ingest_lease_busy(busy) and not cvmfs.transaction_busy(busy)
-    assert not cvmfs.ingest_lease_busy(ingest_error("Synchronization failed"))
+    assert txn.ingest_lease_busy(busy) and not txn.transaction_busy(busy)
+    assert not txn.ingest_lease_busy(ingest_error("Synchronization failed"))
     calls = []
 
     def flaky():
@@ -183,12 +178,12 @@ def test_ingest_exit_1_is_retried_only_when_it_could_not_start_its_transaction()
             raise busy
         return "published"
 
-    assert cvmfs.with_busy_retries(flaky, 5, sleep=lambda s: None, busy=cvmfs.ingest_lease_busy) == "published"
+    assert txn.with_busy_retries(flaky, 5, sleep=lambda s: None, busy=txn.ingest_lease_busy) == "published"
     with pytest.raises(cvmfs.CvmfsError, match="its lease path is busy"):
-        cvmfs.with_busy_retries(lambda: (_ for _ in ()).throw(busy), 2, sleep=lambda s: None,
-                                busy=cvmfs.ingest_lease_busy)
+        txn.with_busy_retries(lambda: (_ for _ in ()).throw(busy), 2, sleep=lambda s: None,
+                              busy=txn.ingest_lease_busy)
     with pytest.raises(cvmfs.CvmfsCommandError):
-        cvmfs.with_busy_retries(lambda: (_ for _ in ()).throw(busy), 2, sleep=lambda s: None)
+        txn.with_busy_retries(lambda: (_ for _ in ()).throw(busy), 2, sleep=lambda s: None)
 
 
 def test_revision_is_read_from_the_rdonly_attribute_never_from_output(tmp_path):
