@@ -50,6 +50,12 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+def latency_summary(latencies):
+    """The results' latency fields: median, 95th percentile and maximum, in seconds to the millisecond."""
+    return dict(latency_p50_s=round(statistics.median(latencies), 3),
+                latency_p95_s=round(percentile(latencies, 0.95), 3), latency_max_s=round(max(latencies), 3))
+
+
 def measure_latency(stack, s3, daemon, fqrn, bucket, uploads):
     latencies = []
     for index in range(uploads):
@@ -120,9 +126,7 @@ def main():
                 if args.uploads:
                     log("latency of a 1 KiB upload, %d times:" % args.uploads)
                     latencies = measure_latency(stack, s3, daemon, fqrn, tag, args.uploads)
-                    results.update(latency_p50_s=round(statistics.median(latencies), 3),
-                                   latency_p95_s=round(percentile(latencies, 0.95), 3),
-                                   latency_max_s=round(max(latencies), 3))
+                    results.update(latency_summary(latencies))
                     log("latency: p50 %.2f s, p95 %.2f s (goal p50 <= 2.5 s)" % (
                         results["latency_p50_s"], results["latency_p95_s"]))
                 log("burst of %d objects:" % args.burst)

@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ def _load(name, path):
     return module
 
 
-bench_consumer = _load("bench_consumer", REPO_ROOT / "bench" / "consumer.py")   # measure_latency, percentile
+bench_consumer = _load("bench_consumer", REPO_ROOT / "bench" / "consumer.py")   # measure_latency, latency_summary
 bench_sync = bench_consumer.bench_sync                                           # the stack and S3
 eda = _load("eda_e2e", REPO_ROOT / "tests" / "integration" / "test_eda.py")      # the ansible-rulebook harness
 log = bench_consumer.log
@@ -54,9 +53,7 @@ def main():
                 fqrn = eda.provision(stack, s3, rulebook, names, tag)
                 log("latency of a 1 KiB upload, %d times:" % args.uploads)
                 latencies = bench_consumer.measure_latency(stack, s3, rulebook, fqrn, tag, args.uploads)
-                results.update(latency_p50_s=round(statistics.median(latencies), 3),
-                               latency_p95_s=round(bench_consumer.percentile(latencies, 0.95), 3),
-                               latency_max_s=round(max(latencies), 3))
+                results.update(bench_consumer.latency_summary(latencies))
                 log("latency through ansible-rulebook: p50 %.2f s, p95 %.2f s, max %.2f s" % (
                     results["latency_p50_s"], results["latency_p95_s"], results["latency_max_s"]))
             finally:

@@ -52,29 +52,8 @@ class ClusterLayout(Layout):
 
 
 def node_env(layout, n):
-    d = layout.node_dir(n)
-    loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
-    env = dict(os.environ)
-    env.update({
-        "HOME": d,  # the shared Erlang cookie is in each node's HOME; rabbitmqctl finds it the same way
-        "RABBITMQ_NODENAME": node_name(n),
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(layout.port(n, "amqp")),
-        "RABBITMQ_DIST_PORT": str(layout.port(n, "dist")),
-        "ERL_EPMD_PORT": str(layout.epmd_port),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_CONFIG_FILE": os.path.join(d, "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(d, "advanced.config"),
-        "RABBITMQ_CONF_ENV_FILE": os.path.join(d, "rabbitmq-env.conf"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(d, "enabled_plugins"),
-        "RABBITMQ_MNESIA_BASE": os.path.join(d, "mnesia"),
-        "RABBITMQ_LOG_BASE": os.path.join(d, "log"),
-        "RABBITMQ_PID_FILE": os.path.join(d, "rabbitmq.pid"),
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": loopback_dist,
-        "RABBITMQ_CTL_ERL_ARGS": loopback_dist,
-        "RUNNING_UNDER_SYSTEMD": "1",   # exec the VM itself, so the recorded PID is the node's
-    })
-    return env
+    return stacklib.rabbitmq_node_env(layout.node_dir(n), node_name(n), layout.port(n, "amqp"), layout.port(n, "dist"),
+                                      layout.epmd_port)
 
 
 def node_conf(layout, n):
@@ -123,13 +102,7 @@ def cmd_up(layout, _args):
     cookie = secrets.token_hex(20)
     for n in NODES:
         d = layout.node_dir(n)
-        for sub in ("mnesia", "log"):
-            os.makedirs(os.path.join(d, sub), exist_ok=True)
-        with open(os.path.join(d, "rabbitmq.conf"), "w") as handle:
-            handle.write(node_conf(layout, n))
-        with open(os.path.join(d, "enabled_plugins"), "w") as handle:
-            handle.write("[rabbitmq_management].\n")
-        open(os.path.join(d, "rabbitmq-env.conf"), "w").close()
+        stacklib.rabbitmq_node_folder(d, node_conf(layout, n))
         stacklib.write_private(os.path.join(d, ".erlang.cookie"), cookie)
         os.chmod(os.path.join(d, ".erlang.cookie"), 0o400)
     try:

@@ -408,30 +408,48 @@ rgw frontends = {frontend}
                      else "civetweb port=127.0.0.1:%d" % layout.ports["rgw"]))
 
 
-def rabbitmq_env(layout):
-    d = layout.path("rabbitmq")
+def rabbitmq_node_folder(folder, conf_text):
+    """A RabbitMQ node's own folder (the stack's broker, or a cluster node): data and log folders, ``conf_text`` as
+    rabbitmq.conf, the management plugin, an empty rabbitmq-env.conf."""
+    for sub in ("mnesia", "log"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    with open(os.path.join(folder, "rabbitmq.conf"), "w") as handle:
+        handle.write(conf_text)
+    with open(os.path.join(folder, "enabled_plugins"), "w") as handle:
+        handle.write("[rabbitmq_management].\n")
+    open(os.path.join(folder, "rabbitmq-env.conf"), "w").close()
+
+
+def rabbitmq_node_env(folder, nodename, amqp_port, dist_port, epmd_port):
+    """The environment of a RabbitMQ node of ours: everything in ``folder``, loopback only, our own epmd."""
     env = dict(os.environ)
     loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
     env.update({
-        "HOME": d,  # the Erlang cookie lives here; rabbitmqctl finds it through the same HOME
-        "RABBITMQ_NODENAME": "rabbit@localhost",
+        "HOME": folder,  # the Erlang cookie lives here; rabbitmqctl finds it through the same HOME
+        "RABBITMQ_NODENAME": nodename,
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(layout.ports["amqp"]),
-        "RABBITMQ_DIST_PORT": str(layout.ports["erlang_dist"]),
-        "ERL_EPMD_PORT": str(layout.ports["epmd"]),
+        "RABBITMQ_NODE_PORT": str(amqp_port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "ERL_EPMD_PORT": str(epmd_port),
         "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_CONFIG_FILE": os.path.join(d, "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(d, "advanced.config"),
-        "RABBITMQ_CONF_ENV_FILE": os.path.join(d, "rabbitmq-env.conf"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(d, "enabled_plugins"),
-        "RABBITMQ_MNESIA_BASE": os.path.join(d, "mnesia"),
-        "RABBITMQ_LOG_BASE": os.path.join(d, "log"),
-        "RABBITMQ_PID_FILE": os.path.join(d, "rabbitmq.pid"),
+        "RABBITMQ_CONFIG_FILE": os.path.join(folder, "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(folder, "advanced.config"),
+        "RABBITMQ_CONF_ENV_FILE": os.path.join(folder, "rabbitmq-env.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(folder, "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": os.path.join(folder, "mnesia"),
+        "RABBITMQ_LOG_BASE": os.path.join(folder, "log"),
+        "RABBITMQ_PID_FILE": os.path.join(folder, "rabbitmq.pid"),
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": loopback_dist,
         "RABBITMQ_CTL_ERL_ARGS": loopback_dist,
         # exec the Erlang VM directly instead of a signal-forwarding shell, so the recorded PID is the broker's
         "RUNNING_UNDER_SYSTEMD": "1",
     })
+    return env
+
+
+def rabbitmq_env(layout):
+    env = rabbitmq_node_env(layout.path("rabbitmq"), "rabbit@localhost", layout.ports["amqp"],
+                            layout.ports["erlang_dist"], layout.ports["epmd"])
     if layout.tls:  # these would open a plain AMQP listener next to the TLS one of rabbitmq.conf
         del env["RABBITMQ_NODE_PORT"], env["RABBITMQ_NODE_IP_ADDRESS"]
     return env
@@ -610,14 +628,7 @@ class Starter:
     # RabbitMQ: own epmd, own node, management API, the `notification` exchange -------------------------------------
     def start_rabbitmq(self):
         layout = self.layout
-        rabbit_dir = layout.path("rabbitmq")
-        for sub in ("mnesia", "log"):
-            os.makedirs(os.path.join(rabbit_dir, sub), exist_ok=True)
-        with open(os.path.join(rabbit_dir, "rabbitmq.conf"), "w") as handle:
-            handle.write(rabbitmq_conf_text(layout))
-        with open(os.path.join(rabbit_dir, "enabled_plugins"), "w") as handle:
-            handle.write("[rabbitmq_management].\n")
-        open(os.path.join(rabbit_dir, "rabbitmq-env.conf"), "w").close()
+        rabbitmq_node_folder(layout.path("rabbitmq"), rabbitmq_conf_text(layout))
         write_private(layout.secret("amqp_password"), AMQP_PASSWORD)
         env = rabbitmq_env(layout)
         # Erlang would leave a detached `epmd -daemon` behind: run our own in the foreground, stopped by PID.

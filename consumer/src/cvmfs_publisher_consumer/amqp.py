@@ -231,22 +231,18 @@ class Broker:
     def ensure_queue(self, queue: str) -> Optional[str]:
         """Declare a durable quorum queue this daemon owns (the provisioning queue); a problem text if it
         exists with other arguments (it is still usable)."""
-        channel = self._connection.channel()
-        try:
-            channel.queue_declare(queue, durable=True, arguments=dict(QUEUE_ARGUMENTS))
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 406:
-                return str(exc.reply_text)
-            raise
-        channel.close()
-        return None
+        return self._declare(queue, QUEUE_ARGUMENTS)
 
     def ensure_stream(self, queue: str) -> Optional[str]:
         """Declare a durable stream (an append-only log every consumer can read from the start); a problem
         text if ``queue`` exists as something else."""
+        return self._declare(queue, STREAM_ARGUMENTS)
+
+    def _declare(self, queue: str, arguments: Dict) -> Optional[str]:
+        """Declare ``queue`` durable with ``arguments``; the broker's refusal text (406) if it exists otherwise."""
         channel = self._connection.channel()
         try:
-            channel.queue_declare(queue, durable=True, arguments=dict(STREAM_ARGUMENTS))
+            channel.queue_declare(queue, durable=True, arguments=dict(arguments))
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 406:
                 return str(exc.reply_text)
