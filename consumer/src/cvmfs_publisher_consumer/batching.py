@@ -90,11 +90,6 @@ class Scheduler:
         state = self._lanes.get(lane)
         return bool(state and state.needs_full)
 
-    def backing_off(self, lane: str, now: float) -> float:
-        """Seconds the lane still waits after a failed run (0: none)."""
-        state = self._lanes.get(lane)
-        return max(0.0, state.not_before - now) if state else 0.0
-
     def add(self, lane: str, message: Pending):
         self._lane(lane).pending.append(message)
 
@@ -176,11 +171,6 @@ class Scheduler:
             messages.extend(state.pending)
             state.pending = []
         return messages
-
-    def forget(self, refs_alive):
-        """Drop waiting messages whose channel is gone (the broker redelivers them)."""
-        for state in self._lanes.values():
-            state.pending = [m for m in state.pending if refs_alive(m.ref)]
 
 
 @dataclass(frozen=True)

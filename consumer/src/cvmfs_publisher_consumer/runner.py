@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import ansible_runner
 
@@ -231,9 +231,6 @@ class PlaybookRunner:
                       key=os.path.getmtime)
         for path in kept[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
-
-    def failed_runs(self) -> List[str]:
-        return sorted(os.listdir(self.failed_dir))
 
 
 def _killed_by(report_path: str) -> Optional[int]:
