@@ -1,6 +1,10 @@
 
 import pytest
 import yaml
+from fakes import FakeBroker, FakeRunner, autospecced
+
+from cvmfs_publisher_consumer.config import load
+from cvmfs_publisher_consumer.daemon import Daemon
 
 
 @pytest.fixture
@@ -30,3 +34,18 @@ def project(tmp_path):
     path.write_text(yaml.safe_dump(config))
     return {"root": root, "config_path": path, "config": config, "tmp": tmp_path, "secrets": secrets,
             "vars_file": vars_file}
+
+
+@pytest.fixture
+def daemon(project):
+    repos = project["tmp"] / "repositories.d"
+    (repos / "alice.infn.it").mkdir(parents=True)
+    (repos / "bob.infn.it").mkdir()
+    config = load(str(project["config_path"]), environ={})
+    broker = autospecced(FakeBroker({"alice", "bob"}))
+    runner = FakeRunner()
+    clock = [1000.0]
+    instance = Daemon(config, broker=broker, runner=runner, clock=lambda: clock[0])
+    instance.clock_value = clock
+    instance._connect()
+    return instance

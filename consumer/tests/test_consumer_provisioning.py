@@ -1,0 +1,75 @@
+"""Provisioning through the registry (provisioning.py, registry.py) with the fake broker: requests checked and added to
+the registry stream, the registry replayed on every connection, failed provisioning runs retried here."""
+import json
+import shutil
+from pathlib import Path
+
+
+from fakes import REGISTRY, event, settle
+
+
+def test_malformed_provisioning_message_is_dead_lettered_with_reason(daemon):
+    daemon.broker.deliver("publisher", b"alice,sub,alice.infn.it")
+    [(action, queue, _body, (reason, attempts))] = daemon.broker.settled
+    assert (action, queue, attempts) == ("dead-letter", "publisher", 0)
+    assert "4 comma-separated fields" in reason
+    daemon._start_ready()
+    assert daemon.runner.runs == []
+
+
+def test_provisioning_runs_the_playbook_then_consumes_the_new_queue(daemon):
+    daemon.broker.queues.add("carol")
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs == [("provision_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                          "cvmfs_subject": "sub-c"})]
+    assert daemon.broker.actions() == [("forward", "publisher")]
+    assert daemon.broker.streams[REGISTRY] == [b"carol,sub-c,carol.infn.it,P"]
+    assert "carol" in daemon.broker.callbacks
+    daemon.broker.deliver("carol", event("cvmfs/x", bucket="carol"))
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1] == ("sync_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                        "cvmfs_sync_mode": "changes", "cvmfs_sync_keys": ["cvmfs/x"]})
+
+
+def test_the_registry_is_replayed_on_connect_and_only_what_is_missing_here_runs(daemon):
+    carol = b'{"version": 1, "repository": "carol.infn.it", "kind": "personal", "subject": "sub-c"}'
+    daemon.broker.queues.add("carol")
+    daemon.broker.streams[REGISTRY] += [carol, b"dave,sub-d,dave.infn.it,P", b"x,y,z.example.org,P", carol]
+    daemon.broker.callbacks.clear()
+    daemon._connect()                               # what a host joining later (or reconnecting) does
+    daemon._start_ready()
+    settle(daemon, runs=2)
+    ran = sorted(extravars["cvmfs_repository"] for _playbook, extravars in daemon.runner.runs)
+    assert ran == ["carol.infn.it", "dave.infn.it"]  # once each; the invalid entry is skipped
+    assert "carol" in daemon.broker.callbacks
+    assert daemon.broker.actions(registry=True).count(("ack", REGISTRY)) == 4
+    config_dir = Path(daemon.config["repositories.config_dir"])
+    for fqrn in ("carol.infn.it", "dave.infn.it"):  # what the playbook would have created
+        (config_dir / fqrn).mkdir()
+    daemon.broker.callbacks.clear()
+    daemon._connect()
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 2             # applied and present: nothing runs again
+    shutil.rmtree(config_dir / "dave.infn.it")
+    daemon.broker.callbacks.clear()
+    daemon._connect()
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1][1]["cvmfs_repository"] == "dave.infn.it"   # lost here: provisioned again
+    assert json.loads((Path(daemon.config["state_dir"]) / "registry.json").read_text())["applied"].keys() == {
+        "carol.infn.it", "dave.infn.it"}
+
+
+def test_a_failed_provisioning_is_retried_here_and_never_dead_lettered(daemon):
+    daemon.runner.outcomes = ["failed", "failed"]
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    for _ in range(3):
+        daemon._start_ready()
+        settle(daemon)
+        daemon.clock_value[0] += 3600               # past any backoff
+    assert [playbook for playbook, _extravars in daemon.runner.runs].count("provision_playbook") == 3
+    assert daemon.broker.actions() == [("forward", "publisher")]
+    assert "carol.infn.it" in daemon.registry.applied
