@@ -396,4 +396,3 @@ class Daemon:
                              hosts=self.placement.get("hosts", {}))
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc.strerror, extra=fields(event="status_failed"))
-
