@@ -297,7 +297,7 @@ class Publisher:
             return False
         finally:
             self.store.done()
-        if cvmfs.abort_quietly(self.server, self.fqrn):
+        if txn.abort_quietly(self.server, self.fqrn):
             return False
         self.marker.closed()
         return True
