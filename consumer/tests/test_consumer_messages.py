@@ -188,6 +188,7 @@ def test_the_playbooks_declare_the_extravars_the_contract_passes():
     _, group = contract.provision(ProvisionRequest("a.infn.it", group="g"))
     assert set(personal) | set(group) <= declared, "provision_repository.yml applies the repository role"
     play = yaml.safe_load((root / "playbooks/sync_repository.yml").read_text())[0]
-    checked = " ".join(play["tasks"][0]["ansible.builtin.assert"]["that"])
+    used = " ".join(str(value) for value in play["tasks"][0]["infn_cloud.cvmfs_publisher.cvmfs_sync"].values())
     for name in contract.sync("a.infn.it", "changes", ["k"])[1]:
-        assert name in checked, "sync_repository.yml checks %s first" % name
+        assert name in used, "sync_repository.yml's sync task uses %s" % name
+    assert "cvmfs_repository | mandatory(" in used, "a missing repository is named before anything runs"

@@ -219,3 +219,27 @@ def _alive(pid):
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+PLAYBOOK_ENV = """
+- hosts: localhost
+  gather_facts: false
+  tasks:
+    - ansible.builtin.copy:
+        dest: "{{ out }}"
+        content: "{{ {'pipelining': lookup('config', 'ANSIBLE_PIPELINING'),
+                      'gathering': lookup('config', 'DEFAULT_GATHERING')} | to_json }}"
+"""
+
+
+@pytest.mark.parametrize("operator_env, expected", [
+    ({}, {"pipelining": True, "gathering": "explicit"}),
+    ({"ANSIBLE_PIPELINING": "False"}, {"pipelining": False, "gathering": "explicit"}),
+])
+def test_runs_pipeline_and_gather_no_facts_unless_the_operator_says_otherwise(project, operator_env, expected):
+    runner = make_runner(project, PLAYBOOK_ENV)
+    runner.settings["env"] = dict(runner.settings["env"], **operator_env)
+    out = project["tmp"] / "env.json"
+    result = runner.run("sync_playbook", {"cvmfs_repository": "alice.infn.it", "out": str(out)}, "changes-alice")
+    assert result.ok, result.error
+    assert json.loads(out.read_text()) == expected

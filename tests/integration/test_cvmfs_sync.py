@@ -75,6 +75,34 @@ def test_tarball_add_replace_and_remove_through_the_playbook(repo):
     assert "changed=0" in again.stdout
 
 
+def test_the_playbook_builds_the_module_payload_once_for_every_later_run(repo, tmp_path):
+    """plugins/action/ + plugin_utils/_ansiballz_cache.py: the second ansible-playbook process reads the payload the
+    first one built (same file, untouched), and each process's own temporary folder is still removed."""
+    local_tmp = tmp_path / "ansible-tmp"
+    env = {"ANSIBLE_LOCAL_TEMP": str(local_tmp)}
+    repo.put("cvmfs/one", b"one")
+    first = run_playbook("sync_repository.yml", {"cvmfs_repository": repo.fqrn}, env=env)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "1 added" in first.stdout
+    lasting = list(local_tmp.glob("infn_cloud.cvmfs_publisher-ansiballz-*"))
+    assert len(lasting) == 1, sorted(p.name for p in local_tmp.iterdir())
+    payload = lasting[0] / "ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules.cvmfs_sync-ZIP_DEFLATED-none"
+    built = payload.stat()
+    repo.put("cvmfs/two", b"two")
+    second = run_playbook("sync_repository.yml", {"cvmfs_repository": repo.fqrn}, env=env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "1 added" in second.stdout and repo.files().keys() == {"one", "two"}
+    again = payload.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (built.st_ino, built.st_mtime_ns), "the payload was built again"
+    assert [p.name for p in local_tmp.iterdir()] == [lasting[0].name], "a process's own folder was left behind"
+
+
+def test_the_playbook_names_a_missing_repository(repo):
+    run = run_playbook("sync_repository.yml", {"cvmfs_sync_mode": "full"})
+    assert run.returncode != 0
+    assert "set cvmfs_repository=<fqrn>" in run.stdout + run.stderr
+
+
 def test_more_than_one_page_of_objects_then_changes_mode(repo):
     objects = {"cvmfs/many/%02d/obj-%04d" % (i % 20, i): b"content %d" % i for i in range(1500)}
     repo.put_many(objects)
@@ -158,6 +186,27 @@ def test_conflicting_paths_are_refused_not_fatal(repo):
     assert [(r["key"], r["reason"], r["category"]) for r in result["refused_objects"]] == [
         ("cvmfs/a/b", "path 'a/b' conflicts with object 'cvmfs/a'", "conflict")]
     assert repo.files() == {"a": sha(b"file a")}
+
+
+def test_parallel_listing_by_top_level_folder_sees_exactly_what_one_sequence_sees(repo):
+    """_rgw/objects.py lists a prefix's top-level folders in parallel: the same observations as the page-by-page
+    listing, with objects right under the prefix, a folder of more than one page, nested folders, a "//" key and
+    characters that need URL encoding; and nothing outside the prefix."""
+    objects = {"cvmfs/big/f%04d" % i: b"%d" % i for i in range(1100)}  # two pages in one folder
+    objects.update({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/d": b"d", "cvmfs//double": b"2",
+                    "cvmfs/sp ace+plus/\u00fc%2F": b"odd", "cvmfs/emptydir/": b"", "cvmfsx/not-in": b"no",
+                    "outside/x": b"no"})
+    repo.put_many(objects)
+    params = repo.params()
+
+    def listing(concurrency):
+        reader = BucketObjects.from_params(params, repo.short, concurrency)
+        return sorted((obs.key, obs.etag, obs.size) for obs in reader.list("cvmfs/"))
+
+    sequential = listing(1)
+    assert [key for key, _, _ in sequential] == sorted(k for k in objects if k.startswith("cvmfs/"))
+    assert listing(8) == sequential
+    assert listing(2) == sequential
 
 
 def test_object_deleted_between_listing_and_download(repo, monkeypatch):

@@ -147,3 +147,41 @@ def test_provision_without_keys_in_vault_fails_clearly(stack, unique_name):
     proc = run_playbook("provision_repository.yml", {"cvmfs_repository": fqrn, "cvmfs_subject": "nobody"})
     assert proc.returncode != 0
     assert "no keys for %s" % fqrn in proc.stdout, proc.stdout[-3000:]
+
+
+RECAPS = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, repo_root, unique_name, s3):
+    """playbooks/converge_repositories.yml: a personal and a group repository in one run, each on its own
+    inventory entry; the second run changes nothing on any of them."""
+    personal, group = unique_name + "p", unique_name + "g"
+    seed_keys(repo_root, stack, personal + ".infn.it", "sub-" + personal)
+    subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", group + ".infn.it", "--group",
+                    "grp-" + group], check=True, capture_output=True, text=True, env=_stack_env(stack))
+    for short in (personal, group):
+        s3.create_bucket(Bucket=short)
+    fleet = {"cvmfs_repositories": [{"repository": personal + ".infn.it", "subject": "sub-" + personal},
+                                    {"repository": group + ".infn.it", "group": "grp-" + group}]}
+
+    first = run_playbook("converge_repositories.yml", fleet)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    hosts = {host: int(changed) for host, _ok, changed, _u, failed in RECAPS.findall(first.stdout)}
+    assert hosts.keys() == {"localhost", "localhost/%s.infn.it" % personal, "localhost/%s.infn.it" % group}
+    assert hosts["localhost/%s.infn.it" % personal] >= 5 and hosts["localhost/%s.infn.it" % group] >= 5
+    root = Path(stack["CVMFS_STANDIN_ROOT"])
+    for short in (personal, group):
+        assert (root / "etc/cvmfs/repositories.d" / (short + ".infn.it") / "server.conf").is_file()
+        assert rabbit_queue(stack, short), "the queue of %s was not declared" % short
+
+    second = run_playbook("converge_repositories.yml", fleet)
+    assert second.returncode == 0, second.stdout[-4000:]
+    recaps = RECAPS.findall(second.stdout)
+    assert len(recaps) == 3 and all(changed == "0" and failed == "0" for _h, _o, changed, _u, failed in recaps), \
+        second.stdout[-4000:]
+
+
+def test_converge_repositories_names_a_bad_list(stack):
+    proc = run_playbook("converge_repositories.yml", {"cvmfs_repositories": [{"subject": "x"}]})
+    assert proc.returncode != 0
+    assert "set cvmfs_repositories to a list of {repository: <fqrn>" in proc.stdout, proc.stdout[-3000:]

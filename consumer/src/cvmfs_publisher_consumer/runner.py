@@ -32,6 +32,10 @@ log = logging.getLogger("cvmfs_publisher.runner")
 
 MAX_ERROR_LENGTH = 500
 
+# What every run gets unless the operator's ``ansible.env`` says otherwise: the module goes to python's stdin
+# (pipelining: no remote temporary folder and the four commands around it), and no fact gathering.
+RUN_ENV_DEFAULTS = {"ANSIBLE_PIPELINING": "True", "ANSIBLE_GATHERING": "explicit"}
+
 
 @dataclass
 class RunResult:
@@ -148,7 +152,8 @@ class PlaybookRunner:
             arguments.append("-" + "v" * self.settings["verbosity"])
         arguments.append(shlex.quote(os.path.join(self.settings["project_dir"], playbook)))
         report_path = os.path.join(private_dir, "run-report.json")
-        envvars = dict(self.settings["env"], **{DAEMON_PID_ENV: str(os.getpid()), REPORT_ENV: report_path})
+        envvars = dict(RUN_ENV_DEFAULTS, **self.settings["env"])
+        envvars.update({DAEMON_PID_ENV: str(os.getpid()), REPORT_ENV: report_path})
         kwargs = dict(private_data_dir=private_dir, project_dir=self.settings["project_dir"], playbook=playbook,
                       extravars=extravars, cmdline=" ".join(arguments), binary=self._guard, envvars=envvars,
                       timeout=self.settings["timeout"], quiet=True, event_handler=errors, cancel_callback=cancel,

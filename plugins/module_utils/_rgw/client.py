@@ -17,7 +17,8 @@ import time
 import traceback
 
 try:
-    import boto3
+    # botocore alone: boto3's Session would import s3transfer too (a fifth of a module run's import time).
+    import botocore.session
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.config import Config
@@ -217,12 +218,10 @@ class Connection:
         self.endpoint_url = params["endpoint_url"]
         self.verify = _verify(params)
         self.config = client_config(max_pool_connections, max_attempts, **config_overrides)
-        self.session = boto3.session.Session(
-            aws_access_key_id=secret_option(params, "access_key", "RGW access key"),
-            aws_secret_access_key=secret_option(params, "secret_key", "RGW secret key"),
-            aws_session_token=params.get("session_token") or None,
-            region_name=params.get("region") or "default",
-        )
+        self.region_name = params.get("region") or "default"
+        self.session = _session(secret_option(params, "access_key", "RGW access key"),
+                                secret_option(params, "secret_key", "RGW secret key"),
+                                params.get("session_token") or None)
         if params.get("assume_role_arn"):
             self.session = self._assumed_role_session(params)
         self._clients = {}
@@ -232,14 +231,16 @@ class Connection:
         """The boto3 client for ``service`` ('s3', 'sns', 'sts'), made on first use."""
         if service not in self._clients:
             try:
-                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url,
-                                                             verify=self.verify, config=self.config)
+                self._clients[service] = self.session.create_client(
+                    service, region_name=self.region_name, endpoint_url=self.endpoint_url, verify=self.verify,
+                    config=self.config)
             except (BotoCoreError, ValueError) as exc:
                 raise PublisherError("cannot build an RGW %s client for %s: %s" % (service, self.endpoint_url, exc))
         return self._clients[service]
 
     def _assumed_role_session(self, params):
-        sts = self.session.client("sts", endpoint_url=self.endpoint_url, verify=self.verify, config=self.config)
+        sts = self.session.create_client("sts", region_name=self.region_name, endpoint_url=self.endpoint_url,
+                                         verify=self.verify, config=self.config)
         action = "assume role %s" % params["assume_role_arn"]
         try:
             session_name = params.get("role_session_name") or "cvmfs-publisher"
@@ -247,12 +248,7 @@ class Connection:
                                           RoleSessionName=session_name)["Credentials"]
         except (BotoCoreError, ClientError) as exc:
             raise PublisherError(describe_client_error(exc, action, self.endpoint_url))
-        return boto3.session.Session(
-            aws_access_key_id=credentials["AccessKeyId"],
-            aws_secret_access_key=credentials["SecretAccessKey"],
-            aws_session_token=credentials["SessionToken"],
-            region_name=self.session.region_name,
-        )
+        return _session(credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"])
 
     def _http_session(self):
         """An HTTP session set up as botocore sets up a client's: same TLS verification, timeouts, proxies, pool."""
@@ -279,7 +275,7 @@ class Connection:
         if credentials is None:
             from botocore.exceptions import NoCredentialsError
             raise NoCredentialsError()
-        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.session.region_name).add_auth(request)
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.region_name).add_auth(request)
         response = self._http_session().send(request.prepare())
         if response.status_code >= 300:
             if stream:
@@ -290,6 +286,14 @@ class Connection:
     def failure(self, exc, action):
         """The PublisherError for a botocore error met while doing ``action`` against this endpoint."""
         return PublisherError(describe_client_error(exc, action, self.endpoint_url))
+
+
+def _session(access_key, secret_key, session_token):
+    """A botocore session with these credentials, or (all None) botocore's usual credential chain."""
+    session = botocore.session.Session()
+    if access_key or secret_key or session_token:
+        session.set_credentials(access_key, secret_key, session_token)
+    return session
 
 
 def connect(params, service, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS,

@@ -9,6 +9,10 @@ Listing and downloading skip boto3's response parsing: botocore's generic XML pa
 1,000-key ListObjectsV2 page and ~2 ms per GetObject, which made the engine CPU-bound on small objects. The
 requests go through ``Connection.signed_request`` (the connection's own credentials, static or AssumeRole, and
 TLS settings); errors become ClientErrors so messages and retries stay those of ``client``.
+
+A whole prefix is listed as rclone lists it: one listing with the "/" delimiter gives the objects right under the
+prefix and its top-level folders, then each folder is listed page by page in its own thread (``concurrency`` at
+once). RGW answers one listing page at a time per request sequence; top-level folders in parallel use its cores.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -58,15 +62,16 @@ class BucketObjects:
     """The objects of one bucket. ``connect()`` makes the ``client.Connection`` on first use, so a run that
     stops before reading the bucket (a missing repository, check of a stale transaction) never connects."""
 
-    def __init__(self, bucket, connect):
+    def __init__(self, bucket, connect, concurrency=1):
         self.bucket = bucket
         self._connect = connect
         self._rgw = None
+        self.concurrency = max(1, concurrency)
 
     @classmethod
     def from_params(cls, params, bucket, concurrency):
         """From the ``rgw`` options, with an HTTP pool sized for ``concurrency`` parallel transfers."""
-        return cls(bucket, lambda: Connection(params, max_pool_connections=concurrency))
+        return cls(bucket, lambda: Connection(params, max_pool_connections=concurrency), concurrency)
 
     @property
     def rgw(self):
@@ -84,29 +89,61 @@ class BucketObjects:
 
     # -- listing ---------------------------------------------------------------------------------------------------
     @jittered_backoff(retries=4, delay=0.5)
-    def _list_page(self, prefix, token):
+    def _list_page(self, prefix, token, delimiter=None):
         query = {"list-type": "2", "prefix": prefix, "encoding-type": "url", "max-keys": "1000"}
+        if delimiter:
+            query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
         return ElementTree.fromstring(self.rgw.signed_request("GET", self._url(query=query), "ListObjectsV2").content)
 
-    def list(self, prefix):
-        """Every object under ``prefix``, streamed page by page (1,000 keys a page) as Observations."""
+    def _pages(self, prefix, delimiter=None):
+        """The listing pages of ``prefix``, one after another."""
         token = None
         where = "s3://%s/%s" % (self.bucket, prefix)
         while True:
             try:
-                page = self._list_page(prefix, token)
+                page = self._list_page(prefix, token, delimiter)
             except (BotoCoreError, ClientError) as exc:
                 raise TransferError(describe_client_error(exc, "list %s" % where))
             except ElementTree.ParseError as exc:
                 raise TransferError("RGW answered the listing of %s with malformed XML: %s" % (where, exc))
-            for item in page.iter(_S3_NS + "Contents"):
-                yield sp.Observation(unquote_plus(item.findtext(_S3_NS + "Key")), item.findtext(_S3_NS + "ETag"),
-                                     int(item.findtext(_S3_NS + "Size")))
+            yield page
             token = page.findtext(_S3_NS + "NextContinuationToken")
             if page.findtext(_S3_NS + "IsTruncated") != "true" or not token:
                 return
+
+    @staticmethod
+    def _observations(page):
+        return [sp.Observation(unquote_plus(item.findtext(_S3_NS + "Key")), item.findtext(_S3_NS + "ETag"),
+                               int(item.findtext(_S3_NS + "Size"))) for item in page.iter(_S3_NS + "Contents")]
+
+    def _list_sequentially(self, prefix):
+        for page in self._pages(prefix):
+            yield from self._observations(page)
+
+    def _list_folder(self, prefix):
+        observations = []
+        for page in self._pages(prefix):
+            observations.extend(self._observations(page))
+        return observations
+
+    def list(self, prefix):
+        """Every object under ``prefix`` as Observations (in no particular order): with ``concurrency`` 1 streamed
+        page by page (1,000 keys a page), else its top-level folders listed in parallel."""
+        if self.concurrency <= 1:
+            yield from self._list_sequentially(prefix)
+            return
+        folders = []
+        for page in self._pages(prefix, delimiter="/"):
+            yield from self._observations(page)
+            folders.extend(unquote_plus(item.findtext(_S3_NS + "Prefix"))
+                           for item in page.iter(_S3_NS + "CommonPrefixes"))
+        if not folders:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(folders))) as pool:
+            for observations in pool.map(self._list_folder, folders):
+                yield from observations
 
     # -- HeadObject ------------------------------------------------------------------------------------------------
     def head(self, keys, concurrency):

@@ -1,0 +1,73 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""The action plugin of every module of this collection: the module runs as usual, but the AnsiballZ payload it
+is sent in is built once and kept between ansible-playbook runs.
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+
+ansible-core builds a module's payload (walking the source of every module_utils file it imports, then zipping
+them) once per ``ansible-playbook`` process, in a cache under that process's own temporary folder
+(``<local_tmp>/ansible-local-<pid>.../ansiballz_cache``). For the consumer, which starts ``ansible-playbook`` for
+every batch of events, that build is the largest single cost of a run (about 0.4 s, more than the module itself).
+Here that per-process cache folder becomes a link to a folder beside it that outlives the process, named after
+everything the payload is made of (ansible-core's version and the collection's modules and module_utils), so a
+changed collection or ansible-core never meets an old payload. The payload holds no arguments and nothing of the
+target host: ansible-core adds those after reading its cache. When any of this is not as expected (another
+ansible-core layout, an unwritable folder) the link is simply not made and ansible-core builds the payload itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ansible import constants as C
+from ansible.plugins.action.normal import ActionModule as NormalAction
+from ansible.release import __version__ as ANSIBLE_VERSION
+
+_COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PAYLOAD_SOURCES = ("plugins/modules", "plugins/module_utils")
+_CACHE_NAME = "ansiballz_cache"  # ansible-core's name for it, under C.DEFAULT_LOCAL_TMP
+_PREFIX = "infn_cloud.cvmfs_publisher-ansiballz-"
+
+
+def payload_key(root=_COLLECTION_ROOT, version=ANSIBLE_VERSION):
+    """A digest of ansible-core's version and every file the collection's payloads can be made of."""
+    digest = hashlib.sha256(version.encode("utf-8"))
+    for source in _PAYLOAD_SOURCES:
+        base = os.path.join(root, source)
+        for folder, dirs, files in os.walk(base):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode("utf-8") + b"\0")
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+                digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def share(local_tmp=None):
+    """Make this process's payload cache a link to the lasting one; returns the lasting folder, or None."""
+    local_tmp = local_tmp or C.DEFAULT_LOCAL_TMP
+    link = os.path.join(local_tmp, _CACHE_NAME)
+    try:
+        if os.path.lexists(link):  # made by an earlier task of this run (or ansible-core itself): keep it
+            return os.path.realpath(link) if os.path.islink(link) else None
+        lasting = os.path.join(os.path.dirname(local_tmp), _PREFIX + payload_key())
+        os.makedirs(lasting, mode=0o700, exist_ok=True)
+        os.symlink(lasting, link)
+        return lasting
+    except OSError:
+        return None
+
+
+class CachedPayloadAction(NormalAction):
+    """ansible-core's ``normal`` action, with the lasting payload cache."""
+
+    def run(self, tmp=None, task_vars=None):
+        share()
+        return super().run(tmp, task_vars)

@@ -1,0 +1,58 @@
+"""plugin_utils/_ansiballz_cache.py: the lasting AnsiballZ payload cache shared by ansible-playbook processes."""
+import os
+import shutil
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.plugin_utils import _ansiballz_cache as cache
+
+
+def _collection(tmp_path):
+    root = tmp_path / "collection"
+    for folder, name, text in (("modules", "m.py", "print('m')\n"), ("module_utils", "_u.py", "X = 1\n"),
+                               ("module_utils/_pkg", "a.py", "A = 1\n"), ("action", "m.py", "action\n")):
+        (root / "plugins" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "plugins" / folder / name).write_text(text)
+    return root
+
+
+def test_the_key_follows_every_payload_source_and_ansible_core_version(tmp_path):
+    root = _collection(tmp_path)
+    key = cache.payload_key(str(root), "2.19.0")
+    assert key == cache.payload_key(str(root), "2.19.0")
+    assert cache.payload_key(str(root), "2.19.1") != key, "another ansible-core builds other payloads"
+    (root / "plugins/module_utils/_pkg/a.py").write_text("A = 2\n")
+    changed = cache.payload_key(str(root), "2.19.0")
+    assert changed != key, "a changed module_utils file (even in a package) must not meet an old payload"
+    (root / "plugins/modules/new.py").write_text("")
+    assert cache.payload_key(str(root), "2.19.0") != changed, "a new module too"
+    before = cache.payload_key(str(root), "2.19.0")
+    (root / "plugins/action/m.py").write_text("other\n")
+    assert cache.payload_key(str(root), "2.19.0") == before, "action plugins are not in any payload"
+
+
+def test_share_links_this_process_cache_to_the_lasting_folder_once(tmp_path):
+    local_tmp = tmp_path / "tmp" / "ansible-local-123abc"
+    local_tmp.mkdir(parents=True)
+    lasting = cache.share(str(local_tmp))
+    link = local_tmp / "ansiballz_cache"
+    assert lasting and os.path.islink(link) and os.path.realpath(link) == lasting
+    assert os.path.dirname(lasting) == str(tmp_path / "tmp"), "beside the per-process folders, so it outlives them"
+    assert os.path.basename(lasting).startswith("infn_cloud.cvmfs_publisher-ansiballz-")
+    assert oct(os.stat(lasting).st_mode & 0o777) == "0o700"
+    (link / "payload").write_text("built once")
+    assert cache.share(str(local_tmp)) == lasting, "a later task of the same run keeps the link"
+    shutil.rmtree(local_tmp)  # what ansible-playbook does at exit: the link goes, the payloads stay
+    assert (tmp_path / "tmp" / os.path.basename(lasting) / "payload").read_text() == "built once"
+    again = tmp_path / "tmp" / "ansible-local-456def"
+    again.mkdir()
+    assert cache.share(str(again)) == lasting and (again / "ansiballz_cache" / "payload").exists()
+
+
+def test_a_cache_folder_ansible_made_itself_is_left_alone(tmp_path):
+    local_tmp = tmp_path / "ansible-local-1"
+    (local_tmp / "ansiballz_cache").mkdir(parents=True)
+    assert cache.share(str(local_tmp)) is None
+    assert not os.path.islink(local_tmp / "ansiballz_cache")
+
+
+def test_an_unwritable_place_leaves_ansible_to_build_the_payload(tmp_path):
+    assert cache.share(str(tmp_path / "missing" / "ansible-local-1")) is None
