@@ -10,9 +10,10 @@ Listing and downloading skip boto3's response parsing: botocore's generic XML pa
 requests go through ``Connection.signed_request`` (the connection's own credentials, static or AssumeRole, and
 TLS settings); errors become ClientErrors so messages and retries stay those of ``client``.
 
-A whole prefix is listed as rclone lists it: one listing with the "/" delimiter gives the objects right under the
-prefix and its top-level folders, then each folder is listed page by page in its own thread (``concurrency`` at
-once). RGW answers one listing page at a time per request sequence; top-level folders in parallel use its cores.
+A whole prefix is listed as rclone lists it: listings with the "/" delimiter give the objects right under the
+prefix and its folders (a level deeper while there are fewer folders than ``concurrency``), then each folder is listed
+page by page in its own thread (``concurrency`` at once). A listing is one page after another; folders listed in
+parallel keep RGW's cores busy.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -43,6 +44,8 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
 )
 
 CHUNK_BYTES = 1 << 20
+# How many folder levels a parallel listing reads with the delimiter, looking for enough folders to list at once.
+LIST_MAX_DEPTH = 3
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -123,25 +126,37 @@ class BucketObjects:
             yield from self._observations(page)
 
     def _list_folder(self, prefix):
+        """Everything under ``prefix``, page after page."""
         observations = []
         for page in self._pages(prefix):
             observations.extend(self._observations(page))
         return observations
 
+    def _list_level(self, prefix):
+        """(the objects right under ``prefix``, its sub-folders): a listing with the "/" delimiter."""
+        observations, folders = [], []
+        for page in self._pages(prefix, delimiter="/"):
+            observations.extend(self._observations(page))
+            folders.extend(unquote_plus(item.findtext(_S3_NS + "Prefix"))
+                           for item in page.iter(_S3_NS + "CommonPrefixes"))
+        return observations, folders
+
     def list(self, prefix):
-        """Every object under ``prefix`` as Observations (in no particular order): with ``concurrency`` 1 streamed
-        page by page (1,000 keys a page), else its top-level folders listed in parallel."""
+        """Every object under ``prefix`` as Observations, in no particular order. With ``concurrency`` 1 streamed
+        page by page (1,000 keys a page). Else folder levels are read with the "/" delimiter (objects right under
+        them, and their sub-folders) until there are at least ``concurrency`` folders (or LIST_MAX_DEPTH levels),
+        then each of those folders is listed whole, page by page, ``concurrency`` at once."""
         if self.concurrency <= 1:
             yield from self._list_sequentially(prefix)
             return
-        folders = []
-        for page in self._pages(prefix, delimiter="/"):
-            yield from self._observations(page)
-            folders.extend(unquote_plus(item.findtext(_S3_NS + "Prefix"))
-                           for item in page.iter(_S3_NS + "CommonPrefixes"))
-        if not folders:
-            return
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(folders))) as pool:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            folders, depth = [prefix], 0
+            while len(folders) < self.concurrency and depth < LIST_MAX_DEPTH:
+                below = []
+                for observations, subfolders in pool.map(self._list_level, folders):
+                    yield from observations
+                    below.extend(subfolders)
+                folders, depth = below, depth + 1
             for observations in pool.map(self._list_folder, folders):
                 yield from observations
 
