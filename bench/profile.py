@@ -19,7 +19,7 @@ than wall time, so both are printed, with the load average. The parts (each row 
 - the same through the consumer's ``PlaybookRunner`` (ansible-runner and the guard), as the daemon runs it.
 
 The daemon's own overhead (message in -> run started, run ended -> acked) is measured by bench/consumer.py
-(latency minus the run's duration). Ends with one line of JSON. Never asserts a time.
+(from the PUT to the daemon's run_started). Ends with one line of JSON. Never asserts a time.
 """
 import argparse
 import importlib.util
