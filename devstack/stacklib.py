@@ -621,7 +621,9 @@ class Starter:
         write_private(layout.secret("rgw_secret_key"), secret_key)
 
     def start_radosgw(self):
-        rgw = self.state.spawn("radosgw", ["radosgw", "-f", "-n", RGW_NAME], env=self.ceph_env)
+        # Under keepalive.py (restarted after a crash, as systemd would): its PID is the one recorded and signalled.
+        keepalive = [sys.executable, os.path.join(REPO_ROOT, "devstack", "keepalive.py")]
+        rgw = self.state.spawn("radosgw", keepalive + ["radosgw", "-f", "-n", RGW_NAME], env=self.ceph_env)
         wait_until(lambda: _answers("GET", self.layout.url("rgw", "/"), context=self.layout.ssl_context()), "radosgw",
                    self.log_hint("ceph/log/%s.log" % RGW_NAME, "logs/radosgw.out"), procs=[rgw])
 
