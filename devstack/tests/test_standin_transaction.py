@@ -82,7 +82,8 @@ def test_transaction_retry_timeout_takes_whole_seconds(pub):
 def test_transaction_lease_left_by_a_killed_publisher_blocks_16_until_it_expires(tmp_path):
     """Contract: 16 lease busy, including a lease this host left behind, until it expires (gateway
     max_lease_time). The old stand-in ignored this host's own leases and had no expiry."""
-    publisher = Publisher(tmp_path / "root", CVMFS_STANDIN_LEASE_SECONDS="3")
+    # A long lease, then made to expire 2 s from now by hand: the checks cannot race the clock under load.
+    publisher = Publisher(tmp_path / "root", CVMFS_STANDIN_LEASE_SECONDS="3600")
     assert publisher.mkfs().returncode == 0
     publisher.ok("transaction", FQRN)
     os.unlink(publisher.token)  # killed mid-way and its spool cleaned by hand: the gateway still holds the lease
@@ -90,6 +91,9 @@ def test_transaction_lease_left_by_a_killed_publisher_blocks_16_until_it_expires
     assert "publisher pub holds" in publisher.fails(16, "transaction", FQRN)
     publisher.fails(22, "abort", "-f", FQRN)  # no token: abort cannot release the lease...
     assert "publisher pub holds" in publisher.fails(16, "transaction", FQRN)  # ...it still blocks
+    gateway = standin.Local(publisher.root, FQRN).gateway()
+    with gateway.locked():
+        gateway.save_leases([dict(lease, expires=time.time() + 2) for lease in gateway.leases()])
     publisher.ok("transaction", "-t", "60", FQRN)  # retries 16 until the lease expires
     assert publisher.in_transaction()
 
