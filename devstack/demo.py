@@ -4,7 +4,8 @@
 1. start the stack (RabbitMQ, Ceph RGW, OpenBao, the cvmfs_server stand-in);
 2. the Stratum-0 side stores a new repository's keys in Vault; the user has a bucket;
 3. start the consumer daemon (`cvmfs-publisher run`);
-4. a provisioning message on the `publisher` queue: the daemon provisions the repository (keys, repository, queue,
+4. the dashboard (its own broker user, allowed only to publish on the provisioning exchange) announces the
+   repository, which lands on the `publisher` queue: the daemon provisions the repository (keys, repository, queue,
    topic, bucket notification); a second, manual `ansible-playbook` run shows nothing left to change;
 5. the user uploads a nested tree and a tarball through S3, then deletes a file: RGW notifies RabbitMQ, the daemon
    syncs, and the published tree is printed after each step.
@@ -129,16 +130,19 @@ class Demo:
         import pika
         params = pika.ConnectionParameters(
             host=self.stack["AMQP_HOST"], port=int(self.stack["AMQP_PORT"]),
-            credentials=pika.PlainCredentials(self.stack["AMQP_USER"], secret(self.stack["AMQP_PASSWORD_FILE"])))
+            credentials=pika.PlainCredentials(self.stack["AMQP_DASHBOARD_USER"],
+                                              secret(self.stack["AMQP_DASHBOARD_PASSWORD_FILE"])))
         body = json.dumps({"version": 1, "repository": FQRN, "owner": SHORT, "subject": SUBJECT, "kind": "personal"})
         connection = pika.BlockingConnection(params)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
-            channel.basic_publish("", "publisher", body.encode(), pika.BasicProperties(delivery_mode=2))
+            channel.basic_publish(self.stack["AMQP_PROVISIONING_EXCHANGE"], "publisher", body.encode(),
+                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
         finally:
             connection.close()
-        print("published on queue 'publisher': %s" % body)
+        print("published as %s on exchange %s, routing key 'publisher': %s"
+              % (self.stack["AMQP_DASHBOARD_USER"], self.stack["AMQP_PROVISIONING_EXCHANGE"], body))
 
     def published(self):
         return standin.published_tree(str(self.cvmfs_root), FQRN)
@@ -216,7 +220,7 @@ def main():
         step("Start the consumer daemon")
         demo.start_daemon()
 
-        step("Announce the repository on the publisher queue; the daemon provisions it")
+        step("The dashboard announces the repository; the daemon provisions it")
         started = time.monotonic()
         demo.announce_repository()
         demo.wait_for_event(lambda e: e.get("event") == "consuming" and e.get("queue") == SHORT,

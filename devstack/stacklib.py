@@ -30,6 +30,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import rights
 import tls
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,15 +67,15 @@ SERVICE_PORTS = {"ceph-mon": "mon_v2", "ceph-osd": None, "radosgw": "rgw", "epmd
                  "openbao": "vault"}
 
 RGW_NAME = "client.rgw.devstack"
-RGW_UID = "devstack"
-AMQP_EXCHANGE = "notification"
-AMQP_USER = "guest"
-# RGW 16.2 refuses credentials in an http push endpoint and then uses librabbitmq's default guest/guest,
-# so the broker's guest user keeps its default password.
-AMQP_PASSWORD = "guest"
+RGW_UID = rights.RGW_PUBLISHER_USER
+AMQP_EXCHANGE = rights.NOTIFICATION_EXCHANGE
+# The broker's identities and their permissions: rights.py (RGW keeps guest/guest, restricted to publishing events).
+AMQP_USER = rights.DAEMON_USER
 VAULT_KV_MOUNT = "secrets"
 VAULT_APPROLE = "cvmfs-publisher"
 VAULT_POLICY = "cvmfs-publisher-read"
+VAULT_SECRET_ID_TTL = "24h"   # longer than any test run
+VAULT_SECRET_ID_USES = 2000   # logins a whole `make test` makes stay far below this
 VAULT_POLICY_HCL = 'path "%s/data/*" {\n  capabilities = ["read"]\n}\n' % VAULT_KV_MOUNT
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -314,8 +315,10 @@ def _answers(method, url, headers=None, ok=(200,), context=None):
         return False
 
 
-def rabbitmq_headers():
-    token = base64.b64encode(("%s:%s" % (AMQP_USER, AMQP_PASSWORD)).encode()).decode()
+def rabbitmq_headers(layout):
+    """The broker administrator's credentials (the stack's own calls only; every client has its own user)."""
+    token = base64.b64encode(("%s:%s" % (rights.ADMIN_USER, read_secret(layout, "rabbitmq_admin_password")))
+                             .encode()).decode()
     return {"Authorization": "Basic " + token}
 
 
@@ -413,8 +416,7 @@ def rabbitmq_node_folder(folder, conf_text):
     rabbitmq.conf, the management plugin, an empty rabbitmq-env.conf."""
     for sub in ("mnesia", "log"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    with open(os.path.join(folder, "rabbitmq.conf"), "w") as handle:
-        handle.write(conf_text)
+    write_private(os.path.join(folder, "rabbitmq.conf"), conf_text)  # the stack's holds the administrator's password
     with open(os.path.join(folder, "enabled_plugins"), "w") as handle:
         handle.write("[rabbitmq_management].\n")
     open(os.path.join(folder, "rabbitmq-env.conf"), "w").close()
@@ -456,10 +458,13 @@ def rabbitmq_env(layout):
 
 
 def rabbitmq_conf_text(layout):
+    # The administrator is created at the first boot in place of guest (who gets only RGW's rights, rights.py).
     text = """\
 # Own RabbitMQ node of the local stack (not the system service). guest may log in over loopback from RGW.
 loopback_users = none
-"""
+default_user = {admin}
+default_pass = {password}
+""".format(admin=rights.ADMIN_USER, password=read_secret(layout, "rabbitmq_admin_password"))
     if layout.tls:
         return text + tls.rabbitmq_conf(layout.ports["amqp"], layout.ports["rabbitmq_management"], layout.pki)
     return text + """\
@@ -490,13 +495,24 @@ def stack_env(layout):
         "RGW_REGION": "default",
         "RGW_ACCESS_KEY_FILE": layout.secret("rgw_access_key"),
         "RGW_SECRET_KEY_FILE": layout.secret("rgw_secret_key"),
+        # The tenants' keys are secrets/rgw_<user>_access_key and rgw_<user>_secret_key.
+        "RGW_TENANT_USERS": " ".join(rights.RGW_TENANT_USERS),
         "AMQP_HOST": "127.0.0.1",
         "AMQP_PORT": str(layout.ports["amqp"]),
         "AMQP_USER": AMQP_USER,
-        "AMQP_PASSWORD_FILE": layout.secret("amqp_password"),
+        "AMQP_PASSWORD_FILE": layout.secret(rights.identity(AMQP_USER).secret),
         "AMQP_VHOST": "/",
         "RABBITMQ_API_URL": layout.url("rabbitmq_management"),
+        "RABBITMQ_API_USER": rights.API_USER,
+        "RABBITMQ_API_PASSWORD_FILE": layout.secret(rights.identity(rights.API_USER).secret),
+        "AMQP_DASHBOARD_USER": rights.DASHBOARD_USER,
+        "AMQP_DASHBOARD_PASSWORD_FILE": layout.secret(rights.identity(rights.DASHBOARD_USER).secret),
+        "AMQP_RGW_USER": rights.RGW_USER,
+        "AMQP_RGW_PASSWORD_FILE": layout.secret(rights.identity(rights.RGW_USER).secret),
+        "RABBITMQ_ADMIN_USER": rights.ADMIN_USER,
+        "RABBITMQ_ADMIN_PASSWORD_FILE": layout.secret("rabbitmq_admin_password"),
         "AMQP_EXCHANGE": AMQP_EXCHANGE,
+        "AMQP_PROVISIONING_EXCHANGE": rights.PROVISIONING_EXCHANGE,
         # librabbitmq (RGW's AMQP client) checks the broker's DNS name, not an IP address: localhost with TLS.
         "TOPIC_PUSH_ENDPOINT": ("amqps://localhost:%d" if layout.tls else "amqp://127.0.0.1:%d") % layout.ports["amqp"],
         "VAULT_ADDR": layout.url("vault"),
@@ -528,8 +544,10 @@ def role_vars(layout):
         "cvmfs_publisher_rgw_secret_key_file": env["RGW_SECRET_KEY_FILE"],
         "cvmfs_publisher_rgw_ca_bundle": env["CA_CERT_FILE"],
         "cvmfs_publisher_rabbitmq_api_url": env["RABBITMQ_API_URL"],
-        "cvmfs_publisher_rabbitmq_user": env["AMQP_USER"],
-        "cvmfs_publisher_rabbitmq_password_file": env["AMQP_PASSWORD_FILE"],
+        "cvmfs_publisher_rabbitmq_user": env["RABBITMQ_API_USER"],
+        "cvmfs_publisher_rabbitmq_password_file": env["RABBITMQ_API_PASSWORD_FILE"],
+        "cvmfs_publisher_amqp_user": env["AMQP_USER"],
+        "cvmfs_publisher_amqp_password_file": env["AMQP_PASSWORD_FILE"],
         "cvmfs_publisher_rabbitmq_vhost": env["AMQP_VHOST"],
         "cvmfs_publisher_rabbitmq_ca_cert": env["CA_CERT_FILE"],
         "cvmfs_publisher_amqp_exchange": env["AMQP_EXCHANGE"],
@@ -608,17 +626,24 @@ class Starter:
 
         self.start_radosgw()
 
+        # The publisher's identity, then the users (tenants) who upload: each only reaches a bucket the publisher
+        # grants them (rights.tenant_bucket_policy).
+        self.create_rgw_user(RGW_UID, "devstack S3 user (the publisher)", "rgw_access_key", "rgw_secret_key")
+        for user in rights.RGW_TENANT_USERS:
+            self.create_rgw_user(user, "tenant " + user, "rgw_%s_access_key" % user, "rgw_%s_secret_key" % user)
+
+    def create_rgw_user(self, uid, display_name, access_key_secret, secret_key_secret):
         access_key = random_token(20, string.ascii_uppercase + string.digits)
         secret_key = random_token(40)
         # radosgw-admin echoes the keys: its output is captured and never shown.
-        result = subprocess.run(["radosgw-admin", "user", "create", "--uid", RGW_UID,
-                                 "--display-name", "devstack S3 user", "--access-key", access_key,
-                                 "--secret-key", secret_key], env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(["radosgw-admin", "user", "create", "--uid", uid, "--display-name", display_name,
+                                 "--access-key", access_key, "--secret-key", secret_key],
+                                env=self.ceph_env, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
-            raise StackError("creating the S3 user with radosgw-admin failed (exit %d); see %s"
-                             % (result.returncode, self.log_hint("ceph/log/client.admin.log")))
-        write_private(layout.secret("rgw_access_key"), access_key)
-        write_private(layout.secret("rgw_secret_key"), secret_key)
+            raise StackError("creating the S3 user %s with radosgw-admin failed (exit %d); see %s"
+                             % (uid, result.returncode, self.log_hint("ceph/log/client.admin.log")))
+        write_private(self.layout.secret(access_key_secret), access_key)
+        write_private(self.layout.secret(secret_key_secret), secret_key)
 
     def start_radosgw(self):
         # Under keepalive.py (restarted after a crash, as systemd would): its PID is the one recorded and signalled.
@@ -630,8 +655,11 @@ class Starter:
     # RabbitMQ: own epmd, own node, management API, the `notification` exchange -------------------------------------
     def start_rabbitmq(self):
         layout = self.layout
+        write_private(layout.secret("rabbitmq_admin_password"), random_token(24))
+        for identity in rights.RABBITMQ_IDENTITIES:
+            write_private(layout.secret(identity.secret),
+                          rights.RGW_PASSWORD if identity.user == rights.RGW_USER else random_token(24))
         rabbitmq_node_folder(layout.path("rabbitmq"), rabbitmq_conf_text(layout))
-        write_private(layout.secret("amqp_password"), AMQP_PASSWORD)
         env = rabbitmq_env(layout)
         # Erlang would leave a detached `epmd -daemon` behind: run our own in the foreground, stopped by PID.
         epmd = self.state.spawn("epmd", ["epmd", "-address", "127.0.0.1", "-port", str(layout.ports["epmd"])], env=env)
@@ -650,13 +678,29 @@ class Starter:
             try:
                 status, _ = http("PUT", exchange_url, {"type": "topic", "durable": True, "auto_delete": False,
                                                        "internal": False, "arguments": {}},
-                                 rabbitmq_headers(), timeout=2, context=context)
+                                 rabbitmq_headers(layout), timeout=2, context=context)
             except OSError:
                 return False
             return status in (201, 204)
         hint = self.log_hint("rabbitmq/log", "logs/rabbitmq.out")
         wait_until(declare_exchange, "RabbitMQ (management API)", hint, procs=[broker])
+        self.grant_rabbitmq_rights()
         wait_until(lambda: port_open(layout.ports["amqp"]), "RabbitMQ (AMQP listener)", hint, procs=[broker])
+
+    def grant_rabbitmq_rights(self):
+        """Every identity of rights.py with exactly its permissions (again after a restart: PUT is idempotent)."""
+        layout = self.layout
+        api, vhost = layout.url("rabbitmq_management", "/api/"), urllib.parse.quote("/", safe="")
+        for identity in rights.RABBITMQ_IDENTITIES:
+            user = urllib.parse.quote(identity.user, safe="")
+            for path, body in (("users/" + user, {"password": read_secret(layout, identity.secret),
+                                                  "tags": identity.tags}),
+                               ("permissions/%s/%s" % (vhost, user), identity.permissions)):
+                status, answer = http("PUT", api + path, body, rabbitmq_headers(layout), timeout=10,
+                                      context=layout.ssl_context())
+                if status not in (201, 204):
+                    raise StackError("RabbitMQ: setting up user %s failed (PUT /api/%s: HTTP %d %s)"
+                                     % (identity.user, path.split("/")[0], status, answer))
 
     # OpenBao: dev server, KV v2 at `secrets`, read-only AppRole -------------------------------------------------
     def start_openbao(self):
@@ -684,8 +728,10 @@ class Starter:
         vault.call("PUT", "sys/policies/acl/" + VAULT_POLICY, {"policy": VAULT_POLICY_HCL})
         vault.call("POST", "sys/auth/approle", {"type": "approle"})
         role = "auth/approle/role/" + VAULT_APPROLE
+        # As on a site: the secret_id expires and wears out (every run of vault_repository_keys logs in once, so
+        # the use limit bounds the provisionings before a new one must be issued; operator guide, "Rights").
         vault.call("POST", role, {"token_policies": [VAULT_POLICY], "token_ttl": "1h", "token_max_ttl": "4h",
-                                  "secret_id_ttl": "0"})
+                                  "secret_id_ttl": VAULT_SECRET_ID_TTL, "secret_id_num_uses": VAULT_SECRET_ID_USES})
         role_id = vault.call("GET", role + "/role-id")["data"]["role_id"]
         secret_id = vault.call("POST", role + "/secret-id", {})["data"]["secret_id"]
         write_private(layout.secret("vault_role_id"), role_id)

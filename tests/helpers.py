@@ -6,6 +6,7 @@
 Both pass `-e @$DEVSTACK_DIR/vars.yml` (written by `devstack/stack vars`), so every cvmfs_publisher_* variable
 points at the running stack, and modules can use them in their args as `"{{ cvmfs_publisher_vault_url }}"`.
 """
+import base64
 import functools
 import importlib.util
 import json
@@ -35,12 +36,34 @@ def ssl_context(stack):
     return ssl.create_default_context(cafile=stack["CA_CERT_FILE"]) if stack.get("CA_CERT_FILE") else None
 
 
-def amqp_parameters(stack, **overrides):
-    """pika ConnectionParameters for the stack's broker as its user (AMQPS verified by the stack's CA with TLS)."""
+# The stack's broker identities (devstack/rights.py): the env keys of each one's user name and password file.
+BROKER_IDENTITIES = {
+    "daemon": ("AMQP_USER", "AMQP_PASSWORD_FILE"),
+    "api": ("RABBITMQ_API_USER", "RABBITMQ_API_PASSWORD_FILE"),
+    "dashboard": ("AMQP_DASHBOARD_USER", "AMQP_DASHBOARD_PASSWORD_FILE"),
+    "rgw": ("AMQP_RGW_USER", "AMQP_RGW_PASSWORD_FILE"),
+    "admin": ("RABBITMQ_ADMIN_USER", "RABBITMQ_ADMIN_PASSWORD_FILE"),  # tests looking behind the scenes only
+}
+
+
+def broker_credentials(stack, identity="daemon"):
+    """(user, password) of one of the stack's broker identities."""
+    user_key, password_key = BROKER_IDENTITIES[identity]
+    return stack[user_key], Path(stack[password_key]).read_text().strip()
+
+
+def management_auth(stack, identity="admin"):
+    """The Authorization header value for the management API as ``identity``."""
+    return "Basic " + base64.b64encode(("%s:%s" % broker_credentials(stack, identity)).encode()).decode()
+
+
+def amqp_parameters(stack, identity="daemon", **overrides):
+    """pika ConnectionParameters for the stack's broker as one of its identities (the daemon's by default; AMQPS
+    verified by the stack's CA with TLS)."""
     import pika
-    password = Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()
+    user, password = broker_credentials(stack, identity)
     options = dict(host=stack["AMQP_HOST"], port=int(stack["AMQP_PORT"]), virtual_host=stack["AMQP_VHOST"],
-                   credentials=pika.PlainCredentials(stack["AMQP_USER"], password))
+                   credentials=pika.PlainCredentials(user, password))
     if stack.get("CA_CERT_FILE"):
         options["ssl_options"] = pika.SSLOptions(ssl_context(stack), server_hostname=stack["AMQP_HOST"])
     options.update(overrides)

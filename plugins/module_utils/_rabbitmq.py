@@ -19,7 +19,7 @@ import json
 import socket
 
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from ansible.module_utils.urls import open_url
 
@@ -155,6 +155,7 @@ class ManagementApi(object):
         self.ca_cert = params.get("ca_cert")
         self.validate_certs = params.get("validate_certs", True)
         self.timeout = params.get("timeout") or 30
+        self._dlx_asked = False
 
     def _path(self, collection, *names):
         return "/api/%s/%s/%s" % (collection, quote(self.vhost, safe=""),
@@ -196,12 +197,15 @@ class ManagementApi(object):
             reason = json.loads(exc.read() or b"{}").get("reason") or exc.reason
         except (ValueError, AttributeError):
             reason = exc.reason
-        if exc.code == 401:
+        # The management API answers 401 both for a failed login and for a missing permission ("Access refused.")
+        # or user tag ("Not management user").
+        if exc.code == 401 and reason not in ("Access refused.", "Not management user"):
             return ("RabbitMQ refused login as '%s' at %s: check login_user and login_password (HTTP 401)"
                     % (self.user, self.base_url))
-        if exc.code == 403:
-            return ("RabbitMQ user '%s' lacks permission for %s %s on vhost '%s' (HTTP 403: %s)"
-                    % (self.user, method, path, self.vhost, reason))
+        if exc.code in (401, 403):
+            return ("RabbitMQ user '%s' lacks %s on vhost '%s' (%s %s refused, HTTP %d: %s)"
+                    % (self.user, needed_right(method, path, body_has_dlx=self._dlx_asked), self.vhost, method,
+                       path, exc.code, reason))
         return "RabbitMQ management API %s %s failed: HTTP %s: %s" % (method, path, exc.code, reason)
 
     # exchanges ----------------------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class ManagementApi(object):
         return self.request("GET", self._path("queues", name), allow_missing=True)
 
     def declare_queue(self, name, arguments):
+        self._dlx_asked = "x-dead-letter-exchange" in arguments
         self.request("PUT", self._path("queues", name),
                      {"durable": True, "auto_delete": False, "arguments": arguments})
 
@@ -237,6 +242,25 @@ class ManagementApi(object):
         path = "/api/bindings/%s/e/%s/q/%s" % (quote(self.vhost, safe=""), quote(exchange, safe=""),
                                                quote(queue, safe=""))
         self.request("POST", path, {"routing_key": routing_key, "arguments": {}})
+
+
+def needed_right(method, path, body_has_dlx=False):
+    """The RabbitMQ permission a refused management API call needed, in RabbitMQ's words (configure / write /
+    read regular expressions of the user on the vhost, plus the management tag for any API call)."""
+    parts = [unquote(part) for part in path.split("/")]
+    # /api/<collection>/<vhost>/<name...>
+    collection = parts[2] if len(parts) > 2 else ""
+    if collection == "bindings" and len(parts) >= 8:
+        return ("the 'write' permission on queue '%s' and the 'read' permission on exchange '%s' (needed to bind "
+                "them)" % (parts[7], parts[5]))
+    if collection in ("queues", "exchanges") and len(parts) >= 5 and method in ("PUT", "DELETE"):
+        kind = collection[:-1]
+        right = "the 'configure' permission on %s '%s'" % (kind, parts[4])
+        if body_has_dlx and kind == "queue" and method == "PUT":
+            right += (" and, for a dead-letter exchange, the 'read' permission on that queue and 'write' on the "
+                      "dead-letter exchange")
+        return right
+    return "the 'management' user tag (or any permission on the vhost)"
 
 
 def check_exchange(exchange, name, exchange_type=EXCHANGE_TYPE):

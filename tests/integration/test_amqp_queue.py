@@ -1,15 +1,13 @@
 """amqp_queue against the local stack's real RabbitMQ, run through ansible as an operator does."""
-import base64
 import json
 import socket
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from helpers import run_module
+from helpers import management_auth, run_module
 
 MODULE = "infn_cloud.cvmfs_publisher.amqp_queue"
 CONNECTION = dict(api_url="{{ cvmfs_publisher_rabbitmq_api_url }}", login_user="{{ cvmfs_publisher_rabbitmq_user }}",
@@ -21,8 +19,7 @@ class Management(object):
 
     def __init__(self, stack):
         self.url = stack["RABBITMQ_API_URL"]
-        password = Path(stack["AMQP_PASSWORD_FILE"]).read_text().strip()
-        self.auth = "Basic " + base64.b64encode(("%s:%s" % (stack["AMQP_USER"], password)).encode()).decode()
+        self.auth = management_auth(stack, "admin")
 
     def call(self, method, path, body=None):
         request = urllib.request.Request(self.url + path, method=method,
@@ -160,6 +157,6 @@ def test_wrong_password_is_refused_and_never_shown(stack, unique_name):
     del args["login_password_file"]
     rc, result = run_module(MODULE, args)
     assert rc != 0
-    assert result["msg"] == ("RabbitMQ refused login as 'guest' at %s: check login_user and login_password "
-                             "(HTTP 401)" % stack["RABBITMQ_API_URL"])
+    assert result["msg"] == ("RabbitMQ refused login as '%s' at %s: check login_user and login_password "
+                             "(HTTP 401)" % (stack["RABBITMQ_API_USER"], stack["RABBITMQ_API_URL"]))
     assert "not-the-Password-7" not in json.dumps(result)

@@ -13,11 +13,15 @@ import pika
 import pytest
 import yaml
 
-from helpers import run_module, run_playbook
+from helpers import amqp_parameters, run_module, run_playbook
 
 ENV_KEYS = [
-    "DEVSTACK_DIR", "RGW_ENDPOINT", "RGW_REGION", "RGW_ACCESS_KEY_FILE", "RGW_SECRET_KEY_FILE", "AMQP_HOST",
-    "AMQP_PORT", "AMQP_USER", "AMQP_PASSWORD_FILE", "AMQP_VHOST", "RABBITMQ_API_URL", "AMQP_EXCHANGE",
+    "DEVSTACK_DIR", "RGW_ENDPOINT", "RGW_REGION", "RGW_ACCESS_KEY_FILE", "RGW_SECRET_KEY_FILE", "RGW_TENANT_USERS",
+    "AMQP_HOST",
+    "AMQP_PORT", "AMQP_USER", "AMQP_PASSWORD_FILE", "AMQP_VHOST", "RABBITMQ_API_URL", "RABBITMQ_API_USER",
+    "RABBITMQ_API_PASSWORD_FILE", "AMQP_DASHBOARD_USER", "AMQP_DASHBOARD_PASSWORD_FILE", "AMQP_RGW_USER",
+    "AMQP_RGW_PASSWORD_FILE", "RABBITMQ_ADMIN_USER", "RABBITMQ_ADMIN_PASSWORD_FILE", "AMQP_EXCHANGE",
+    "AMQP_PROVISIONING_EXCHANGE",
     "TOPIC_PUSH_ENDPOINT", "VAULT_ADDR", "VAULT_TOKEN_FILE", "VAULT_ROLE_ID_FILE", "VAULT_SECRET_ID_FILE",
     "VAULT_KV_MOUNT", "CVMFS_STANDIN_ROOT", "CVMFS_SERVER_BIN", "CVMFS_STRATUM0_URL", "CVMFS_GATEWAY_URL", "TLS",
     "CA_CERT_FILE",
@@ -27,7 +31,8 @@ ROLE_VARS = [
     "cvmfs_publisher_vault_secret_id_file", "cvmfs_publisher_vault_kv_mount", "cvmfs_publisher_rgw_endpoint",
     "cvmfs_publisher_rgw_region", "cvmfs_publisher_rgw_access_key_file", "cvmfs_publisher_rgw_secret_key_file",
     "cvmfs_publisher_rgw_ca_bundle", "cvmfs_publisher_rabbitmq_api_url", "cvmfs_publisher_rabbitmq_user",
-    "cvmfs_publisher_rabbitmq_password_file", "cvmfs_publisher_rabbitmq_vhost", "cvmfs_publisher_rabbitmq_ca_cert",
+    "cvmfs_publisher_rabbitmq_password_file", "cvmfs_publisher_amqp_user", "cvmfs_publisher_amqp_password_file",
+    "cvmfs_publisher_rabbitmq_vhost", "cvmfs_publisher_rabbitmq_ca_cert",
     "cvmfs_publisher_amqp_exchange", "cvmfs_publisher_topic_push_endpoint", "cvmfs_publisher_topic_ack_level",
     "cvmfs_publisher_topic_persistent", "cvmfs_publisher_topic_ca_location", "cvmfs_publisher_cvmfs_server_bin",
     "cvmfs_publisher_cvmfs_root", "cvmfs_publisher_stratum0_url", "cvmfs_publisher_gateway_url",
@@ -48,10 +53,9 @@ def read(path):
 
 @pytest.fixture
 def amqp(stack):
-    params = pika.ConnectionParameters(
-        host=stack["AMQP_HOST"], port=int(stack["AMQP_PORT"]), virtual_host=stack["AMQP_VHOST"],
-        credentials=pika.PlainCredentials(stack["AMQP_USER"], read(stack["AMQP_PASSWORD_FILE"])))
-    connection = pika.BlockingConnection(params)
+    """The broker as its administrator: these tests bind private queues to the notification exchange and publish
+    on it, which no client identity of the stack may do (tests/integration/test_rights.py)."""
+    connection = pika.BlockingConnection(amqp_parameters(stack, "admin"))
     yield connection.channel()
     connection.close()
 

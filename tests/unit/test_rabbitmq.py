@@ -185,8 +185,11 @@ def http_error(code, body=b'{"error":"x","reason":"some reason"}'):
 @pytest.mark.parametrize("raised, expected", [
     (http_error(401), "RabbitMQ refused login as 'guest' at http://127.0.0.1:15672: check login_user and "
                       "login_password (HTTP 401)"),
-    (http_error(403), "RabbitMQ user 'guest' lacks permission for GET /api/queues/%2F/alice on vhost '/' "
-                      "(HTTP 403: some reason)"),
+    (http_error(403), "RabbitMQ user 'guest' lacks the 'management' user tag (or any permission on the vhost) on "
+                      "vhost '/' (GET /api/queues/%2F/alice refused, HTTP 403: some reason)"),
+    (http_error(401, b'{"error":"not_authorised","reason":"Not management user"}'),
+     "RabbitMQ user 'guest' lacks the 'management' user tag (or any permission on the vhost) on vhost '/' "
+     "(GET /api/queues/%2F/alice refused, HTTP 401: Not management user)"),
     (http_error(500), "RabbitMQ management API GET /api/queues/%2F/alice failed: HTTP 500: some reason"),
     (URLError(ConnectionRefusedError(111, "Connection refused")),
      "RabbitMQ management API unreachable at http://127.0.0.1:15672: [Errno 111] Connection refused"),
@@ -199,6 +202,31 @@ def test_http_failures_become_operator_messages(monkeypatch, raised, expected):
     with pytest.raises(PublisherError) as caught:
         mq.ManagementApi(queue_params()).get_queue("alice")
     assert caught.value.msg.startswith(expected)
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda api: api.declare_queue("alice", {"x-queue-type": "quorum"}),
+     "RabbitMQ user 'guest' lacks the 'configure' permission on queue 'alice' on vhost '/' (PUT /api/queues/%2F/alice "
+     "refused, HTTP 401: Access refused.)"),
+    (lambda api: api.declare_queue("alice", {"x-dead-letter-exchange": "dlx"}),
+     "RabbitMQ user 'guest' lacks the 'configure' permission on queue 'alice' and, for a dead-letter exchange, the "
+     "'read' permission on that queue and 'write' on the dead-letter exchange on vhost '/'"),
+    (lambda api: api.delete_queue("alice"),
+     "RabbitMQ user 'guest' lacks the 'configure' permission on queue 'alice' on vhost '/'"),
+    (lambda api: api.declare_exchange("notification"),
+     "RabbitMQ user 'guest' lacks the 'configure' permission on exchange 'notification' on vhost '/'"),
+    (lambda api: api.bind("notification", "alice", "alice"),
+     "RabbitMQ user 'guest' lacks the 'write' permission on queue 'alice' and the 'read' permission on exchange "
+     "'notification' (needed to bind them) on vhost '/'"),
+])
+def test_a_refused_permission_names_the_user_and_the_right(monkeypatch, call, expected):
+    """The management API says 401 "Access refused." for a missing permission: not a login failure."""
+    def fake_open_url(*args, **kwargs):
+        raise http_error(401, b'{"error":"not_authorised","reason":"Access refused."}')
+    monkeypatch.setattr(mq, "open_url", fake_open_url)
+    with pytest.raises(PublisherError) as caught:
+        call(mq.ManagementApi(queue_params()))
+    assert caught.value.msg.startswith(expected), caught.value.msg
 
 
 def test_missing_queue_is_none_and_the_password_comes_from_its_file(monkeypatch, tmp_path):

@@ -210,11 +210,26 @@ def test_describe_rgw_sns_error_uses_the_top_level_code():
 
 
 def test_describe_access_denied_and_missing_credentials():
-    exc = client_error("AccessDenied", 403, message="Access Denied")
+    exc = client_error("AccessDenied", 403, operation="Unlisted", message="Access Denied")
     assert client.describe_client_error(exc, "read bucket x") == (
         "access denied while trying to read bucket x: the RGW user lacks permission (AccessDenied: Access Denied "
         "(HTTP 403))")
     assert "set access_key/access_key_file" in client.describe_client_error(NoCredentialsError(), "list topics")
+
+
+@pytest.mark.parametrize("operation, expected", [
+    ("PutBucketNotificationConfiguration", "RGW identity 'AKPUB' lacks s3:PutBucketNotification (RGW 16.2 allows "
+                                           "bucket notification calls to the bucket's owner only, whatever its policy "
+                                           "says) (AccessDenied (HTTP 403))"),
+    ("GetObject", "RGW identity 'AKPUB' lacks s3:GetObject (AccessDenied (HTTP 403))"),
+    ("ListObjectsV2", "RGW identity 'AKPUB' lacks s3:ListBucket (AccessDenied (HTTP 403))"),
+    ("PutObject", "RGW identity 'AKPUB' lacks s3:PutObject (AccessDenied (HTTP 403))"),
+    ("CreateTopic", "RGW identity 'AKPUB' lacks sns:CreateTopic (AccessDenied (HTTP 403))"),
+])
+def test_access_denied_names_the_identity_and_the_right(operation, expected):
+    exc = client_error("AccessDenied", 403, operation=operation)
+    assert client.describe_client_error(exc, "do it", identity="AKPUB") == "access denied while trying to do it: " + \
+        expected
 
 
 @pytest.mark.parametrize("exc, retry", [

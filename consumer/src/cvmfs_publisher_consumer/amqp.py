@@ -233,6 +233,21 @@ class Broker:
         exists with other arguments (it is still usable)."""
         return self._declare(queue, QUEUE_ARGUMENTS)
 
+    def ensure_exchange_binding(self, exchange: str, queue: str) -> Optional[str]:
+        """Declare ``exchange`` (durable, direct) and bind ``queue`` to it with the queue's name as routing key:
+        the one place a publisher with no other right can put messages for ``queue`` (the broker cannot limit
+        which queues a publisher reaches through the default exchange). A problem text if the broker refuses."""
+        channel = self._connection.channel()
+        try:
+            channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+            channel.queue_bind(queue, exchange, routing_key=queue)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code in (403, 406):
+                return str(exc.reply_text)
+            raise
+        channel.close()
+        return None
+
     def ensure_stream(self, queue: str) -> Optional[str]:
         """Declare a durable stream (an append-only log every consumer can read from the start); a problem
         text if ``queue`` exists as something else."""

@@ -71,6 +71,10 @@ FIELDS: Dict[str, Field] = {
     "amqp.reconnect_max_delay": Field(float, 60.0, _positive),
     "amqp.fallback_hosts": Field(list, [], doc="other nodes of the RabbitMQ cluster as host:port, tried in turn"),
     "queues.publisher": Field(str, "publisher", _queue_name),
+    "queues.provisioning_exchange": Field(str, "cvmfs-publisher.provisioning",
+                                          doc="direct exchange the dashboard publishes provisioning requests on, "
+                                          "routing key = queues.publisher (declared and bound by the daemon; "
+                                          "empty: none, requests only through the default exchange)"),
     "queues.dead_letter": Field(str, "cvmfs-publisher.dlq", _queue_name),
     "queues.registry": Field(str, "cvmfs-publisher.registry", _queue_name,
                              doc="stream of every accepted provisioning request, replayed by every host"),

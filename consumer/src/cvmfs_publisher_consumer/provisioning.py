@@ -27,6 +27,7 @@ class Provisioning:
                  failures: Failures):
         self.broker = broker
         self.queue = config["queues.publisher"]
+        self.exchange = config["queues.provisioning_exchange"]
         self.prefetch = config["queues.publisher_prefetch"]
         self.stream = config["queues.registry"]
         self.domain = config["repositories.domain"]
@@ -43,6 +44,10 @@ class Provisioning:
         if problem:
             log.warning("provisioning queue exists with other arguments: %s", problem,
                         extra=fields(event="queue_arguments", queue=self.queue))
+        problem = self.exchange and self.broker.ensure_exchange_binding(self.exchange, self.queue)
+        if problem:
+            log.error("cannot bind the provisioning queue to the exchange %s: %s", self.exchange, problem,
+                      extra=fields(event="provisioning_exchange_unusable", exchange=self.exchange))
         self.broker.consume(self.queue, self.prefetch, self.on_request)
         problem = self.broker.ensure_stream(self.stream)
         if problem:

@@ -70,6 +70,18 @@ RETRYABLE_ERROR_CODES = frozenset([
     "InternalFailure", "ServerError",
 ])
 ACCESS_KEY_ERROR_CODES = frozenset(["InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId"])
+# botocore operation -> the IAM action (bucket policy / role policy) RGW checks for it. RGW 16.2 checks the bucket
+# notification calls against bucket ownership only (docs/operator-guide.md, "Rights"): said in the message too.
+OPERATION_RIGHTS = {
+    "ListObjectsV2": "s3:ListBucket", "ListObjects": "s3:ListBucket", "HeadBucket": "s3:ListBucket",
+    "GetObject": "s3:GetObject", "HeadObject": "s3:GetObject", "PutObject": "s3:PutObject",
+    "DeleteObject": "s3:DeleteObject", "DeleteObjects": "s3:DeleteObject",
+    "PutBucketNotificationConfiguration": "s3:PutBucketNotification",
+    "GetBucketNotificationConfiguration": "s3:GetBucketNotification",
+    "CreateTopic": "sns:CreateTopic", "GetTopicAttributes": "sns:GetTopicAttributes", "DeleteTopic": "sns:DeleteTopic",
+    "ListTopics": "sns:ListTopics", "AssumeRole": "sts:AssumeRole",
+}
+OWNER_ONLY_NOTE = " (RGW 16.2 allows bucket notification calls to the bucket's owner only, whatever its policy says)"
 
 
 def _error_fields(exc):
@@ -135,8 +147,18 @@ def jittered_backoff(retries=5, delay=1.0, max_delay=30.0, catch_extra_error_cod
     return decorator
 
 
-def describe_client_error(exc, action, endpoint_url=None):
-    """A botocore error -> one operator message: what was being done, what went wrong, what to check."""
+def _lacking(exc, identity):
+    """"RGW identity 'X' lacks s3:Y" for an access denial, as far as the operation and identity are known."""
+    right = OPERATION_RIGHTS.get(getattr(exc, "operation_name", None) or "")
+    who = "RGW identity '%s'" % identity if identity else "the RGW user"
+    if not right:
+        return "%s lacks permission" % who
+    return "%s lacks %s%s" % (who, right, OWNER_ONLY_NOTE if "BucketNotification" in right else "")
+
+
+def describe_client_error(exc, action, endpoint_url=None, identity=None):
+    """A botocore error -> one operator message: what was being done, what went wrong, what to check.
+    ``identity`` (an access key id or a role ARN, never a secret) names who was refused."""
     where = endpoint_url or (getattr(exc, "kwargs", None) or {}).get("endpoint_url") or "the configured endpoint_url"
     if HAS_BOTO3:
         from botocore import exceptions as bex
@@ -156,8 +178,7 @@ def describe_client_error(exc, action, endpoint_url=None):
     if code in ACCESS_KEY_ERROR_CODES:
         return "access denied: check access/secret key (RGW said %s while trying to %s)" % (code, action)
     if code == "AccessDenied" or status == 403:
-        return ("access denied while trying to %s: the RGW user lacks permission (%s)"
-                % (action, error_text(exc)))
+        return "access denied while trying to %s: %s (%s)" % (action, _lacking(exc, identity), error_text(exc))
     if code or status:
         return "RGW failed to %s: %s" % (action, error_text(exc))
     return "RGW failed to %s: %s: %s" % (action, type(exc).__name__, exc)
@@ -219,11 +240,12 @@ class Connection:
         self.verify = _verify(params)
         self.config = client_config(max_pool_connections, max_attempts, **config_overrides)
         self.region_name = params.get("region") or "default"
-        self.session = _session(secret_option(params, "access_key", "RGW access key"),
-                                secret_option(params, "secret_key", "RGW secret key"),
+        self.identity = secret_option(params, "access_key", "RGW access key")  # a key id names the identity
+        self.session = _session(self.identity, secret_option(params, "secret_key", "RGW secret key"),
                                 params.get("session_token") or None)
         if params.get("assume_role_arn"):
             self.session = self._assumed_role_session(params)
+            self.identity = params["assume_role_arn"]
         self._clients = {}
         self._http = None
 
@@ -247,7 +269,7 @@ class Connection:
             credentials = sts.assume_role(RoleArn=params["assume_role_arn"],
                                           RoleSessionName=session_name)["Credentials"]
         except (BotoCoreError, ClientError) as exc:
-            raise PublisherError(describe_client_error(exc, action, self.endpoint_url))
+            raise PublisherError(describe_client_error(exc, action, self.endpoint_url, self.identity))
         return _session(credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"])
 
     def _http_session(self):
@@ -285,7 +307,7 @@ class Connection:
 
     def failure(self, exc, action):
         """The PublisherError for a botocore error met while doing ``action`` against this endpoint."""
-        return PublisherError(describe_client_error(exc, action, self.endpoint_url))
+        return PublisherError(describe_client_error(exc, action, self.endpoint_url, self.identity))
 
 
 def _session(access_key, secret_key, session_token):
