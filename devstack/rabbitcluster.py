@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+import rights
 import stacklib
 from stacklib import RABBITMQ_SERVER, Layout, StackError, State, is_alive, port_open
 
@@ -27,7 +28,8 @@ CLUSTER_OFFSET = 100
 EPMD_OFFSET = 140
 START_TIMEOUT = 120   # three Erlang VMs booting at once on a busy machine
 
-# The cluster keeps RabbitMQ's default guest administrator (a test instrument on loopback, not the stack's rights).
+# The cluster keeps RabbitMQ's default guest administrator (a test instrument on loopback); the stack's other
+# identities are added with their rights (cmd_up).
 GUEST_HEADERS = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 
 
@@ -121,6 +123,11 @@ def cmd_up(layout, _args):
                                    "arguments": {}}, GUEST_HEADERS)
         if status not in (201, 204):
             raise StackError("cannot declare the %s exchange (HTTP %s)" % (stacklib.AMQP_EXCHANGE, status))
+        # The stack's identities with the stack's passwords (its clients move to the cluster unchanged); guest stays
+        # the cluster's administrator, and RGW logs in as guest.
+        stack = Layout()
+        stacklib.grant_rabbitmq_rights(layout.api(1, "/api/"), GUEST_HEADERS,
+                                       lambda name: stacklib.read_secret(stack, name), skip=(rights.RGW_USER,))
     except BaseException:
         stop_all(layout, state, graceful=False)
         raise

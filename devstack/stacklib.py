@@ -322,6 +322,22 @@ def rabbitmq_headers(layout):
     return {"Authorization": "Basic " + token}
 
 
+def grant_rabbitmq_rights(api, headers, password_of, context=None, skip=()):
+    """Create or update every identity of rights.py (but those in ``skip``) through the management API at ``api``
+    (…/api/) as the administrator in ``headers``; ``password_of(secret name)`` gives each one's password."""
+    vhost = urllib.parse.quote("/", safe="")
+    for identity in rights.RABBITMQ_IDENTITIES:
+        if identity.user in skip:
+            continue
+        user = urllib.parse.quote(identity.user, safe="")
+        for path, body in (("users/" + user, {"password": password_of(identity.secret), "tags": identity.tags}),
+                           ("permissions/%s/%s" % (vhost, user), identity.permissions)):
+            status, answer = http("PUT", api + path, body, headers, timeout=10, context=context)
+            if status not in (201, 204):
+                raise StackError("RabbitMQ: setting up user %s failed (PUT /api/%s: HTTP %d %s)"
+                                 % (identity.user, path.split("/")[0], status, answer))
+
+
 class Vault:
     """The few Vault API calls the stack needs, with the token given."""
 
@@ -689,18 +705,8 @@ class Starter:
 
     def grant_rabbitmq_rights(self):
         """Every identity of rights.py with exactly its permissions (again after a restart: PUT is idempotent)."""
-        layout = self.layout
-        api, vhost = layout.url("rabbitmq_management", "/api/"), urllib.parse.quote("/", safe="")
-        for identity in rights.RABBITMQ_IDENTITIES:
-            user = urllib.parse.quote(identity.user, safe="")
-            for path, body in (("users/" + user, {"password": read_secret(layout, identity.secret),
-                                                  "tags": identity.tags}),
-                               ("permissions/%s/%s" % (vhost, user), identity.permissions)):
-                status, answer = http("PUT", api + path, body, rabbitmq_headers(layout), timeout=10,
-                                      context=layout.ssl_context())
-                if status not in (201, 204):
-                    raise StackError("RabbitMQ: setting up user %s failed (PUT /api/%s: HTTP %d %s)"
-                                     % (identity.user, path.split("/")[0], status, answer))
+        grant_rabbitmq_rights(self.layout.url("rabbitmq_management", "/api/"), rabbitmq_headers(self.layout),
+                              lambda name: read_secret(self.layout, name), self.layout.ssl_context())
 
     # OpenBao: dev server, KV v2 at `secrets`, read-only AppRole -------------------------------------------------
     def start_openbao(self):
