@@ -24,6 +24,7 @@ class FakeBroker:
         self.dead_letters = []      # (origin queue, cause) in the dead-letter queue
         self.streams = {}           # stream name -> bodies appended (the registry)
         self.released = []
+        self.bindings = set()       # (exchange, queue): the provisioning exchange's binding
 
     def ensure_stream(self, queue):
         self.streams.setdefault(queue, [])
@@ -34,6 +35,9 @@ class FakeBroker:
 
     def ensure_queue(self, queue):
         self.queues.add(queue)
+
+    def ensure_exchange_binding(self, exchange, queue):
+        self.bindings.add((exchange, queue))
 
     def consume(self, queue, prefetch, on_message, arguments=None):
         if queue == "forbidden":

@@ -20,6 +20,8 @@ def test_discovery_lists_valid_repositories(tmp_path):
 
 def test_consumes_the_provisioning_queue_the_registry_and_every_provisioned_repository(daemon):
     assert set(daemon.broker.callbacks) == {"publisher", REGISTRY, "alice", "bob"}
+    # The dashboard's way in: the provisioning exchange, bound to the provisioning queue only.
+    assert daemon.broker.bindings == {("cvmfs-publisher.provisioning", "publisher")}
 
 
 def test_a_queue_that_cannot_be_consumed_is_reported_and_skipped(daemon, caplog):
