@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conftest import REPO_ROOT, _aws_kwargs
-from helpers import amqp_parameters, run_module
+from helpers import amqp_parameters, consumer_e2e, run_module
 
 sys.path.insert(0, str(REPO_ROOT / "devstack"))
 import rights  # noqa: E402  (the stack's own rights: one place for the policies)
@@ -208,3 +208,52 @@ def test_secret_id_expires_and_wears_out(stack, unique_name, tmp_path):
     assert second["msg"].startswith("AppRole login at %s (auth mount 'approle') failed: invalid role_id or "
                                     "secret_id" % stack["VAULT_ADDR"]), second["msg"]
     assert once.read_text() not in json.dumps(second)
+
+
+# -- events carry no content ------------------------------------------------------------------------------------------
+
+def test_a_forged_event_can_at_most_make_a_repository_reread_its_own_bucket(stack, s3, unique_name, tmp_path):
+    """RGW's broker identity has a well-known password on 16.2 over http (guest/guest), so anyone may forge events
+    on the notification exchange. An event says which key changed, never what it holds: the daemon re-reads the
+    repository's own bucket, and a record naming another bucket is ignored. alice's repository ends up exactly
+    as alice's bucket, with nothing of bob's and nothing the forged events claimed."""
+    e2e = consumer_e2e()
+    alice, bob = unique_name + "a", unique_name + "b"
+    daemon = e2e.DaemonProcess(stack, tmp_path, "daemon", "publisher-" + unique_name, unique_name + ".dlq",
+                               ["%s*.infn.it" % unique_name])
+    for user, bucket in (("alice", alice), ("bob", bob)):
+        s3.create_bucket(Bucket=bucket)
+        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(rights.tenant_bucket_policy(bucket, user)))
+    s3_as(stack, "bob").put_object(Bucket=bob, Key="cvmfs/bob-only.txt", Body=b"bob's secret\n")
+    fqrn = alice + ".infn.it"
+    e2e.seed_keys(stack, fqrn, "sub-" + alice)
+    daemon.start()
+    try:
+        e2e.publish(stack, "publisher-" + unique_name, "%s,sub-%s,%s,P" % (alice, alice, fqrn))
+        daemon.wait_for(lambda e: e.get("event") == "consuming" and e.get("queue") == alice,
+                        "alice's repository was never provisioned and consumed")
+
+        def forged(bucket, key):
+            return json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {
+                "bucket": {"name": bucket}, "object": {"key": key, "size": 13, "eTag": "0" * 32,
+                                                       "content": "forged content\n"}}}]}).encode()
+        connection = pika.BlockingConnection(amqp_parameters(stack, "rgw"))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for body in (forged(bob, "cvmfs/bob-only.txt"), forged(alice, "cvmfs/bob-only.txt"),
+                         forged(alice, "cvmfs/forged.txt")):
+                channel.basic_publish(stack["AMQP_EXCHANGE"], alice, body, pika.BasicProperties(delivery_mode=2),
+                                      mandatory=True)
+        finally:
+            connection.close()
+        daemon.wait_for(lambda e: e.get("event") in ("run_succeeded", "run_failed") and e.get("repository") == fqrn
+                        and e.get("mode") in ("changes", "full"), "the forged events never caused a run")
+        s3_as(stack, "alice").put_object(Bucket=alice, Key="cvmfs/alice.txt", Body=b"alice's\n")
+        assert e2e.wait_published(stack, s3, fqrn, alice) == {"alice.txt": e2e.bucket_files(s3, alice)["alice.txt"]}
+        assert not [e for e in daemon.events() if e.get("event") == "run_failed"]
+        ignored = [e.get("message", "") for e in daemon.events() if e.get("event") == "ignored"]
+        assert any("bucket %r, not %r" % (bob, alice) in m for m in ignored), ignored
+    finally:
+        daemon.stop()
+    daemon.assert_no_secret(e2e.stack_secrets(stack))
