@@ -13,6 +13,7 @@ See ../docs/development.md (names, ports, variables) and the RGW notes in ../../
 
 import argparse
 import base64
+import fcntl
 import json
 import os
 import pwd
@@ -230,7 +231,7 @@ class State:
 
     def save(self):
         with self.lock:
-            tmp = self.layout.state_file + ".tmp"
+            tmp = "%s.%d.tmp" % (self.layout.state_file, os.getpid())  # concurrent `seed-keys` runs each their own
             with open(tmp, "w") as handle:
                 json.dump(self.data, handle, indent=2, sort_keys=True)
             os.replace(tmp, self.layout.state_file)
@@ -1046,9 +1047,12 @@ def cmd_seed_keys(layout, args):
     except OSError as exc:
         raise StackError("cannot reach OpenBao at %s (%s): is the stack up? Run `devstack/stack up`"
                          % (layout.url("vault"), exc))
-    state = State(layout)
-    state.data.setdefault("seeded", {})[fqrn] = secret_path  # `start openbao` stores them again
-    state.save()
+    # Several `seed-keys` may run at once: read, update and write state.json under a lock, so none is lost.
+    with open(layout.path("state.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = State(layout)
+        state.data.setdefault("seeded", {})[fqrn] = secret_path  # `start openbao` stores them again
+        state.save()
     print("stored certificateKey, publicKey, gatewayKey for %s in Vault at %s/data/%s (files in %s)"
           % (fqrn, VAULT_KV_MOUNT, secret_path, layout.path("keys", fqrn)))
     return 0
