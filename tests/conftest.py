@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import aws_kwargs
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STACK_CMD = REPO_ROOT / "devstack" / "stack"
 
@@ -48,33 +50,17 @@ def tls_stack(stack):
     return stack
 
 
-def _aws_kwargs(stack):
-    import botocore.config
-    return dict(
-        endpoint_url=stack["RGW_ENDPOINT"],
-        region_name=stack["RGW_REGION"],
-        aws_access_key_id=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
-        aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
-        verify=stack.get("CA_CERT_FILE") or None,
-        # RGW 16.2 predates the flexible checksums boto3 sends by default; send them only where S3 requires them.
-        config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"},
-                                      request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required",
-                                      s3={"addressing_style": "path"}),
-    )
-
-
 @pytest.fixture(scope="session")
 def s3(stack):
     import boto3
-    return boto3.client("s3", **_aws_kwargs(stack))
+    return boto3.client("s3", **aws_kwargs(stack))
 
 
 @pytest.fixture(scope="session")
 def sns(stack):
     """RGW's SNS-compatible topic API (topics with an AMQP push endpoint)."""
     import boto3
-    return boto3.client("sns", **_aws_kwargs(stack))
+    return boto3.client("sns", **aws_kwargs(stack))
 
 
 @pytest.fixture

@@ -21,6 +21,23 @@ VENV_BIN = REPO_ROOT / ".venv" / "bin"
 PLAYBOOK_TIMEOUT = 900
 
 
+def aws_kwargs(stack):
+    """boto3 client arguments for the stack's RGW as its S3 user (the publisher's identity)."""
+    import botocore.config
+    return dict(
+        endpoint_url=stack["RGW_ENDPOINT"],
+        region_name=stack["RGW_REGION"],
+        aws_access_key_id=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+        aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+        verify=stack.get("CA_CERT_FILE") or None,
+        # RGW 16.2 predates the flexible checksums boto3 sends by default; send them only where S3 requires them.
+        config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"},
+                                      request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required",
+                                      s3={"addressing_style": "path"}),
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def stack_vars_file():
     """Path of the running stack's vars.yml (`devstack/stack vars` writes it for $DEVSTACK_DIR)."""

@@ -16,8 +16,7 @@ import pika
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import REPO_ROOT, _aws_kwargs
-from helpers import amqp_parameters, consumer_e2e, run_module
+from helpers import REPO_ROOT, amqp_parameters, aws_kwargs, consumer_e2e, run_module
 
 sys.path.insert(0, str(REPO_ROOT / "devstack"))
 import rights  # noqa: E402  (the stack's own rights: one place for the policies)
@@ -29,7 +28,7 @@ DELIVERY_WAIT = 60  # seconds: a bound on polling, not a threshold
 def s3_as(stack, user):
     """An S3 client with a tenant's own keys (secrets/rgw_<user>_access_key)."""
     secrets = Path(stack["DEVSTACK_DIR"]) / "secrets"
-    kwargs = dict(_aws_kwargs(stack),
+    kwargs = dict(aws_kwargs(stack),
                   aws_access_key_id=(secrets / ("rgw_%s_access_key" % user)).read_text().strip(),
                   aws_secret_access_key=(secrets / ("rgw_%s_secret_key" % user)).read_text().strip())
     return boto3.client("s3", **kwargs)
