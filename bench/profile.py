@@ -22,7 +22,6 @@ The daemon's own overhead (message in -> run started, run ended -> acked) is mea
 (from the PUT to the daemon's run_started). Ends with one line of JSON. Never asserts a time.
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -39,16 +38,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO_ROOT / "consumer" / "src"))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
+import sync as bench_sync  # noqa: E402  (bench/sync.py: the stack and S3 helpers, as bench/provision.py does)
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_sync = _load("bench_sync", REPO_ROOT / "bench" / "sync.py")
 GOAL_EVENT_S = 1.0   # one event -> published, p50 (bench/consumer.py measures it end to end)
 
 
