@@ -31,7 +31,10 @@ def aws_kwargs(stack):
         aws_secret_access_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
         verify=stack.get("CA_CERT_FILE") or None,
         # RGW 16.2 predates the flexible checksums boto3 sends by default; send them only where S3 requires them.
-        config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"},
+        # Retries: radosgw 16.2 crashes now and then under the scale-out load and devstack/keepalive.py starts it
+        # again (a few seconds, as systemd would); botocore's standard backoff over 10 attempts (~1 minute) rides
+        # that out the way an uploader's client would, instead of failing the test on "connection refused".
+        config=botocore.config.Config(retries={"max_attempts": 10, "mode": "standard"},
                                       request_checksum_calculation="when_required",
                                       response_checksum_validation="when_required",
                                       s3={"addressing_style": "path"}),
