@@ -49,7 +49,11 @@ def timed_playbook(playbook, extra_vars, forks=None):
     proc = run_playbook(playbook, extra_vars, env=env)
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
-        raise RuntimeError("%s failed:\n%s%s" % (playbook, proc.stdout[-3000:], proc.stderr[-2000:]))
+        lines = proc.stdout.splitlines()
+        failures = "\n".join("\n".join(lines[i:i + 25]) for i, line in enumerate(lines)
+                             if line.startswith(("fatal:", "failed:")))
+        raise RuntimeError("%s failed:\n%s\n%s%s" % (playbook, failures[:6000], proc.stdout[-1500:],
+                                                     proc.stderr[-2000:]))
     return elapsed, changed_total(proc)
 
 

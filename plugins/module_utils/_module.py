@@ -14,7 +14,9 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import random
 import re
+import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
@@ -33,6 +35,18 @@ class PublisherError(Exception):
 # OpenSSL's verdict as Python's ssl reports it, and urllib3's own host name check (botocore).
 _TLS_VERDICTS = (re.compile(r"certificate verify failed: (.*?)\s*(?:\(_ssl\.c:\d+\)|'\)|$)"),
                  re.compile(r"(hostname '[^']*' doesn't match '[^']*')"))
+
+
+def with_backoff(call, retryable, retries=5, delay=1.0, max_delay=30.0, sleep=time.sleep):
+    """``call()``, tried again after a full-jitter backoff while it raises an error ``retryable(exc)`` accepts, at
+    most ``retries`` more times (the last error is raised). The one retry loop of the collection's clients."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # classified by the caller's retryable()
+            if attempt >= retries or not retryable(exc):
+                raise
+            sleep(random.uniform(0, min(max_delay, delay * (2 ** attempt))))
 
 
 def tls_failure(exc, server, url, ca_option):

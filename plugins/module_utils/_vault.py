@@ -21,6 +21,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module
     PublisherError,
     secret_option,
     tls_failure,
+    with_backoff,
 )
 
 try:
@@ -63,12 +64,32 @@ def _short_reason(exc):
     return text
 
 
+# A Vault answer worth another try within the run: 5xx and 429. OpenBao answers 500 "transaction commit failed"
+# when several AppRole logins update the same secret_id's use count at once (8 forks converging 100 repositories).
+# Short: the daemon retries the whole run with its own backoff; this only spares a run for a momentary refusal.
+BUSY_RETRIES = 4
+BUSY_DELAY = 0.5
+BUSY_MAX_DELAY = 4.0
+
+
+def _busy(exc):
+    return HAS_HVAC and isinstance(exc, (hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway,
+                                         hvac.exceptions.VaultDown, hvac.exceptions.RateLimitExceeded))
+
+
+def _patiently(call, sleep=None):
+    """``call()``, retried with jittered backoff while Vault answers busy (``_busy``)."""
+    extra = {"sleep": sleep} if sleep else {}
+    return with_backoff(call, _busy, BUSY_RETRIES, BUSY_DELAY, BUSY_MAX_DELAY, **extra)
+
+
 class VaultClient:
     """A logged-in client for one Vault server. Build it with ``VaultClient.login(params)``."""
 
-    def __init__(self, client, url):
+    def __init__(self, client, url, identity="the AppRole"):
         self.client = client
         self.url = url
+        self.identity = identity    # who Vault saw log in, for refusals ("the AppRole 'cvmfs-publisher'")
 
     @classmethod
     def login(cls, params):
@@ -87,7 +108,8 @@ class VaultClient:
         mount = params.get("approle_mount_point") or "approle"
         what = "AppRole login at %s (auth mount %r)" % (url, mount)
         try:
-            client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount)
+            reply = _patiently(lambda: client.auth.approle.login(role_id=role_id, secret_id=secret_id,
+                                                                 mount_point=mount))
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
             raise VaultError("%s failed: invalid role_id or secret_id (server said: %s)"
                              % (what, _server_message(exc, role_id, secret_id)))
@@ -95,19 +117,20 @@ class VaultClient:
             raise VaultError("%s failed: no AppRole auth method is mounted at %r" % (what, mount))
         except Exception as exc:
             raise _transport_error(exc, url, what)
-        return cls(client, url)
+        role_name = (((reply or {}).get("auth") or {}).get("metadata") or {}).get("role_name")
+        return cls(client, url, "the AppRole %r" % role_name if role_name else "the AppRole")
 
     def read_kv2(self, mount, path):
         """The data of the latest version of a KV v2 secret; None when there is none (or it was deleted)."""
         where = "%s/%s" % (mount, path)
         try:
-            reply = self.client.secrets.kv.v2.read_secret_version(
-                path=path, mount_point=mount, raise_on_deleted_version=True)
+            reply = _patiently(lambda: self.client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=mount, raise_on_deleted_version=True))
         except hvac.exceptions.InvalidPath:
             return None
         except hvac.exceptions.Forbidden:
-            raise VaultError("permission denied reading %s from Vault at %s: the AppRole's policy must allow "
-                             "'read' on %s/data/%s" % (where, self.url, mount, path))
+            raise VaultError("permission denied reading %s from Vault at %s: %s has no policy "
+                             "allowing 'read' on %s/data/%s" % (where, self.url, self.identity, mount, path))
         except Exception as exc:
             raise _transport_error(exc, self.url, "reading %s" % where)
         data = (reply or {}).get("data") or {}

@@ -157,8 +157,10 @@ def test_missing_keys_name_the_path(stack, unique_name, keys_dir):
 def test_permission_denied_outside_the_policy(personal, stack):
     rc, result = run_module(MODULE, dict(personal["args"], kv_mount="not-granted"))
     assert rc != 0 and result["failed"]
-    assert result["msg"].startswith("permission denied reading not-granted/%s from Vault at %s"
-                                    % (personal["secret_path"], stack["VAULT_ADDR"]))
+    assert result["msg"] == ("permission denied reading not-granted/%s from Vault at %s: the AppRole "
+                             "'cvmfs-publisher' has no policy allowing 'read' on "
+                             "not-granted/data/%s" % (personal["secret_path"], stack["VAULT_ADDR"],
+                                                      personal["secret_path"])), "names the identity and the right"
 
 
 def test_wrong_secret_id(personal, stack, tmp_path):

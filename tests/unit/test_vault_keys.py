@@ -1,5 +1,6 @@
 """vault_repository_keys and module_utils/_vault.py without a Vault server: hvac's client is replaced by a fake
 that holds secrets in a dict and raises hvac's own exceptions."""
+import functools
 import json
 import os
 import socket
@@ -31,7 +32,13 @@ class FakeVault:
         self.secrets = {("secrets", "%s/cvmfs_keys/%s" % (SUBJECT, FQRN)): dict(KEYS)}
         self.credentials = (ROLE_ID, SECRET_ID)
         self.forbidden = set()
+        self.busy = 0           # this many calls answer 500 "transaction commit failed" first
         self.calls = []
+
+    def answer_busy(self):
+        if self.busy:
+            self.busy -= 1
+            raise hvac.exceptions.InternalServerError(errors=["transaction commit failed"])
 
 
 class FakeClient:
@@ -47,12 +54,15 @@ class FakeClient:
 
     def login(self, role_id, secret_id=None, mount_point="approle"):
         self.world.calls.append(("login", mount_point))
+        self.world.answer_busy()
         if (role_id, secret_id) != self.world.credentials:
             raise hvac.exceptions.InvalidRequest(errors=["invalid role or secret ID"], method="POST",
                                                  url=self.url + "/v1/auth/approle/login")
+        return {"auth": {"metadata": {"role_name": "cvmfs-publisher"}}}
 
     def read_secret_version(self, path, mount_point, raise_on_deleted_version=None):
         self.world.calls.append(("read", mount_point, path))
+        self.world.answer_busy()
         if (mount_point, path) in self.world.forbidden:
             raise hvac.exceptions.Forbidden(errors=["permission denied"])
         if (mount_point, path) not in self.world.secrets:
@@ -250,6 +260,32 @@ def test_permission_denied_names_the_policy_path(keys_module, fake_vault):
     assert result["failed"]
     assert result["msg"].startswith("permission denied reading secrets/%s/cvmfs_keys/%s" % (SUBJECT, FQRN))
     assert "secrets/data/%s/cvmfs_keys/%s" % (SUBJECT, FQRN) in result["msg"]
+    assert "the AppRole 'cvmfs-publisher' has no policy allowing 'read' on" in result["msg"], "names the identity"
+
+
+@pytest.fixture
+def no_pause(monkeypatch):
+    pauses = []
+    monkeypatch.setattr(vault, "with_backoff", functools.partial(vault.with_backoff, sleep=pauses.append))
+    return pauses
+
+
+def test_a_busy_vault_is_tried_again(keys_module, keys_dir, fake_vault, no_pause):
+    """OpenBao answers 500 "transaction commit failed" to concurrent logins on one secret_id: tried again."""
+    fake_vault.busy = 3     # three logins answered busy, the fourth and the read go through
+    result, _ = keys_module()
+    assert not result.get("failed") and result["changed"], result
+    assert [c[0] for c in fake_vault.calls if c[0] in ("login", "read")] == ["login"] * 4 + ["read"]
+    assert len(no_pause) == 3 and all(0 <= p <= vault.BUSY_MAX_DELAY for p in no_pause)
+
+
+def test_a_vault_busy_for_longer_fails_naming_the_answer(keys_module, fake_vault, no_pause):
+    fake_vault.busy = 100
+    result, _ = keys_module()
+    assert result["failed"]
+    assert result["msg"] == ("AppRole login at http://vault.test:8200 (auth mount 'approle'): Vault at "
+                             "http://vault.test:8200 answered InternalServerError: transaction commit failed")
+    assert len(no_pause) == vault.BUSY_RETRIES
 
 
 def test_unreachable_vault_names_the_url(keys_dir, capsys):

@@ -12,7 +12,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import functools
-import random
 import time
 import traceback
 
@@ -41,6 +40,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module
     PublisherError,
     secret_option,
     tls_failure,
+    with_backoff,
 )
 
 # Options (documented once in plugins/doc_fragments/rgw.py)
@@ -136,13 +136,8 @@ def jittered_backoff(retries=5, delay=1.0, max_delay=30.0, catch_extra_error_cod
     def decorator(func):
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
-            for attempt in range(retries + 1):
-                try:
-                    return func(*args, **kwargs)
-                except Exception as exc:  # only botocore errors are classified as retryable
-                    if attempt >= retries or not is_retryable(exc, catch_extra_error_codes):
-                        raise
-                    sleep(random.uniform(0, min(max_delay, delay * (2 ** attempt))))
+            return with_backoff(lambda: func(*args, **kwargs), lambda exc: is_retryable(exc, catch_extra_error_codes),
+                                retries, delay, max_delay, sleep)
         return wrapper
     return decorator
 
