@@ -15,12 +15,18 @@ everything the payload is made of (ansible-core's version and the collection's m
 changed collection or ansible-core never meets an old payload. The payload holds no arguments and nothing of the
 target host: ansible-core adds those after reading its cache. When any of this is not as expected (another
 ansible-core layout, an unwritable folder) the link is simply not made and ansible-core builds the payload itself.
+
+Each process that links a lasting folder marks it used (its modification time); a lasting folder nobody has used
+for ``PRUNE_AFTER`` seconds (an older collection or ansible-core) is removed when a process makes a new link, so
+upgrades do not pile payloads up in the temporary folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 
 from ansible import constants as C
 from ansible.plugins.action.normal import ActionModule as NormalAction
@@ -30,6 +36,7 @@ _COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 _PAYLOAD_SOURCES = ("plugins/modules", "plugins/module_utils")
 _CACHE_NAME = "ansiballz_cache"  # ansible-core's name for it, under C.DEFAULT_LOCAL_TMP
 _PREFIX = "infn_cloud.cvmfs_publisher-ansiballz-"
+PRUNE_AFTER = 7 * 24 * 3600
 
 
 def payload_key(root=_COLLECTION_ROOT, version=ANSIBLE_VERSION):
@@ -60,9 +67,34 @@ def share(local_tmp=None):
         lasting = os.path.join(os.path.dirname(local_tmp), _PREFIX + payload_key())
         os.makedirs(lasting, mode=0o700, exist_ok=True)
         os.symlink(lasting, link)
-        return lasting
+        os.utime(lasting)  # used now: see prune()
     except OSError:
         return None
+    prune(os.path.dirname(local_tmp), keep=lasting)
+    return lasting
+
+
+def prune(folder, keep, now=None, after=PRUNE_AFTER):
+    """Remove the lasting payload folders in ``folder`` other than ``keep`` that nobody used for ``after`` seconds;
+    returns their names. Best effort: a folder that cannot be removed stays."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if not name.startswith(_PREFIX) or path == keep:
+            continue
+        try:
+            if os.path.islink(path) or now - os.stat(path).st_mtime < after:
+                continue
+            shutil.rmtree(path)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
 
 
 class CachedPayloadAction(NormalAction):

@@ -56,3 +56,26 @@ def test_a_cache_folder_ansible_made_itself_is_left_alone(tmp_path):
 
 def test_an_unwritable_place_leaves_ansible_to_build_the_payload(tmp_path):
     assert cache.share(str(tmp_path / "missing" / "ansible-local-1")) is None
+
+
+def test_lasting_folders_unused_for_a_week_are_pruned_when_a_run_links_another(tmp_path):
+    base = tmp_path / "tmp"
+    old, recent, other = (base / (cache._PREFIX + "old")), (base / (cache._PREFIX + "recent")), base / "unrelated"
+    for folder in (old, recent, other):
+        (folder).mkdir(parents=True)
+        (folder / "payload").write_text("x")
+    week_ago = os.stat(recent).st_mtime - cache.PRUNE_AFTER - 60
+    os.utime(old, (week_ago, week_ago))
+    os.utime(other, (week_ago, week_ago))
+    local_tmp = base / "ansible-local-1"
+    local_tmp.mkdir()
+    lasting = cache.share(str(local_tmp))
+    assert lasting and os.path.isdir(lasting)
+    assert not old.exists(), "an older collection's payloads, unused for a week, go"
+    assert recent.exists() and other.exists(), "used lately, or not ours: kept"
+    assert cache.prune(str(base), keep=lasting) == []
+    os.utime(lasting, (week_ago, week_ago))
+    again = base / "ansible-local-2"
+    again.mkdir()
+    assert cache.share(str(again)) == lasting and os.path.isdir(lasting)
+    assert os.stat(lasting).st_mtime > week_ago + cache.PRUNE_AFTER, "linking marks the folder used again"
