@@ -15,7 +15,7 @@ from typing import Dict, Set
 import pika.exceptions
 
 from . import amqp
-from .batching import PROVISION, Batch, RetryPolicy, Scheduler
+from .batching import Batch, RetryPolicy, Scheduler
 from .logs import fields
 from .messages import short_name
 from .metrics import Metrics
@@ -53,7 +53,8 @@ class Failures:
                 self.scheduler.reconcile_soon(fqrn)
 
     def after_failure(self, batch: Batch, error: str, label: str, now: float):
-        """Each message of a failed run: retried later, or dead-lettered once its attempts are spent."""
+        """Each message of a failed sync run: retried later, or dead-lettered once its attempts are spent (and
+        then a full sync of the repository supersedes them). Provisioning runs: ``after_failed_provision``."""
         dead, reason = 0, ""
         for message in batch.messages:
             decision = self.retry.after_failure(message, now)
@@ -68,9 +69,8 @@ class Failures:
             log.error("dead-lettered %d message(s) of %s: %s", dead, batch.lane, reason,
                       extra=fields(event="dead_letter", repository=batch.lane, reason=reason, count=dead,
                                    cause=amqp.TRANSIENT))
-            if batch.mode != PROVISION:
-                self.dead_lettered.add(batch.lane)
-                self.scheduler.reconcile_soon(batch.lane)
+            self.dead_lettered.add(batch.lane)
+            self.scheduler.reconcile_soon(batch.lane)
 
     def after_failed_provision(self, batch: Batch, error: str, label: str, now: float):
         """A registry entry that failed here is retried here (the registry is shared: nothing goes back to it);

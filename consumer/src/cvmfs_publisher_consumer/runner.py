@@ -215,8 +215,7 @@ class PlaybookRunner:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
             data["env"] = "(removed by cvmfs-publisher: the environment is not kept)"
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(data, handle)
+            write_text_atomic(path, json.dumps(data))
         except (OSError, ValueError):
             os.remove(path)
 
@@ -228,8 +227,7 @@ class PlaybookRunner:
             return
         redacted = self._redact(text)
         if redacted != text:
-            with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
-                handle.write(redacted)
+            write_text_atomic(path, redacted)   # never a half-redacted artifact, whatever stops us
 
     def _prune(self, keep: int):
         kept = sorted((os.path.join(self.failed_dir, name) for name in os.listdir(self.failed_dir)),
