@@ -143,11 +143,18 @@ class BucketObjects:
 
     def list(self, prefix):
         """Every object under ``prefix`` as Observations, in no particular order. With ``concurrency`` 1 streamed
-        page by page (1,000 keys a page). Else folder levels are read with the "/" delimiter (objects right under
-        them, and their sub-folders) until there are at least ``concurrency`` folders (or LIST_MAX_DEPTH levels),
-        then each of those folders is listed whole, page by page, ``concurrency`` at once."""
+        page by page (1,000 keys a page). Else the first page decides: a prefix that fits in it (most repositories)
+        is listed by that one request. A larger one: folder levels are read with the "/" delimiter (objects right
+        under them, and their sub-folders) until there are at least ``concurrency`` folders (or LIST_MAX_DEPTH
+        levels), then each of those folders is listed whole, page by page, ``concurrency`` at once."""
         if self.concurrency <= 1:
             yield from self._list_sequentially(prefix)
+            return
+        pages = self._pages(prefix)
+        first = next(pages)
+        pages.close()
+        if first.findtext(_S3_NS + "IsTruncated") != "true":
+            yield from self._observations(first)
             return
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             folders, depth = [prefix], 0
