@@ -150,9 +150,9 @@ class BucketObjects:
         if self.concurrency <= 1:
             yield from self._list_sequentially(prefix)
             return
-        pages = self._pages(prefix)
-        first = next(pages)
-        pages.close()
+        first = next(self._pages(prefix), None)   # _pages yields at least one page or raises
+        if first is None:
+            return
         if first.findtext(_S3_NS + "IsTruncated") != "true":
             yield from self._observations(first)
             return
