@@ -423,6 +423,10 @@ memstore device bytes = 4294967296
 [{rgw}]
 # civetweb, not beast: beast aborts on DeleteObjects in a bucket with notifications (gotcha 12). With TLS: beast.
 rgw frontends = {frontend}
+# radosgw 16.2 can abort in its notification worker ("corrupted double-linked list") when a broker node it pushes
+# to goes away; Ceph's own handler for the signal then hangs on the corrupted heap and radosgw never exits, so
+# nothing restarts it. Without the handler the abort ends the process and keepalive.py starts it again.
+fatal signal handlers = false
 """.format(fsid=fsid, d=d, rgw=RGW_NAME, mon_v2=layout.ports["mon_v2"], mon_v1=layout.ports["mon_v1"],
            frontend=(tls.rgw_frontend(layout.ports["rgw"], layout.pki) if layout.tls
                      else "civetweb port=127.0.0.1:%d" % layout.ports["rgw"]))
