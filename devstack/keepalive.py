@@ -5,7 +5,9 @@
 
 On a site, radosgw runs under systemd (ceph-radosgw@.service, Restart=on-failure), so a crash costs its clients a
 few seconds, not the service. Debian 12's radosgw 16.2.15 does crash now and then under the scale-out tests'
-load (SIGSEGV in a `msgr-worker` thread, no usable backtrace), so the local stack keeps it alive the same way:
+load (SIGSEGV in a `msgr-worker` thread, no usable backtrace; an abort in `notif-worker0` when a broker node it
+pushes to goes away, which the stack's ceph.conf lets end the process: `fatal signal handlers = false`, since Ceph's
+own handler hung on the corrupted heap), so the local stack keeps it alive the same way:
 
 - the child is started again when it dies of a crash signal (SIGSEGV, SIGABRT, SIGBUS, SIGILL, SIGFPE), at most
   MAX_RESTARTS times, after a line in the log that says so;
