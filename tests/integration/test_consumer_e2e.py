@@ -450,8 +450,9 @@ def test_two_daemons_never_sync_one_repository_at_once_and_one_takes_over(stack,
     standby = second if active is first else first
     assert not standby.runs(fqrn), "single-active-consumer: only one daemon receives the events"
 
+    runs_before = len(active.runs(fqrn))  # counted before the upload: its run may start before the next line
     upload_many(s3, unique_name, {"cvmfs/b/f%03d" % i: b"%d" % i for i in range(200)})
-    active.wait_for(sync_event("run_started", fqrn), "no second sync", count=len(active.runs(fqrn)) + 1)
+    active.wait_for(sync_event("run_started", fqrn), "no second sync", count=runs_before + 1)
     killed_at = time.time()
     active.kill()
     upload_many(s3, unique_name, {"cvmfs/c/f%03d" % i: b"%d" % i for i in range(50)})
