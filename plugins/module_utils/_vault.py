@@ -77,10 +77,9 @@ def _busy(exc):
                                          hvac.exceptions.VaultDown, hvac.exceptions.RateLimitExceeded))
 
 
-def _patiently(call, sleep=None):
+def _patiently(call):
     """``call()``, retried with jittered backoff while Vault answers busy (``_busy``)."""
-    extra = {"sleep": sleep} if sleep else {}
-    return with_backoff(call, _busy, BUSY_RETRIES, BUSY_DELAY, BUSY_MAX_DELAY, **extra)
+    return with_backoff(call, _busy, BUSY_RETRIES, BUSY_DELAY, BUSY_MAX_DELAY)
 
 
 class VaultClient:

@@ -62,9 +62,13 @@ def test_vault_secret_id_rotates_without_downtime(stack, repo_root, unique_name,
 
 # -- the publisher's S3 keys ------------------------------------------------------------------------------------------
 
+def _ceph_env(stack):
+    return dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf"))
+
+
 def _radosgw_admin(stack, *args):
     result = subprocess.run(["radosgw-admin"] + list(args), capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf")))
+                            env=_ceph_env(stack))
     assert result.returncode == 0, "radosgw-admin %s: exit %d" % (args[:2], result.returncode)  # output has keys
     return json.loads(result.stdout) if result.stdout.strip() else None
 
@@ -85,8 +89,7 @@ def second_key(stack):
     yield add
     for access_key in made:
         subprocess.run(["radosgw-admin", "key", "rm", "--uid", PUBLISHER_UID, "--key-type", "s3", "--access-key",
-                        access_key], capture_output=True, timeout=120,
-                       env=dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf")))
+                        access_key], capture_output=True, timeout=120, env=_ceph_env(stack))
 
 
 def test_publisher_s3_keys_rotate_without_downtime(stack, unique_name, tmp_path, second_key):
