@@ -97,8 +97,9 @@ class StackPki:
 def rgw_frontend(port, pki):
     """RGW's `rgw frontends` value with TLS only. Not civetweb: Debian's 16.2 civetweb loads libssl at run time and
     fails on OpenSSL 3 (`load_dll: libssl.so.3: cannot find SSL_get_peer_certificate`), so radosgw exits. beast
-    links OpenSSL itself; its DeleteObjects crash with notifications (RGW notes, gotcha 12) applies in TLS mode."""
-    return "beast ssl_endpoint=127.0.0.1:%d ssl_certificate=%s ssl_private_key=%s" % (
+    links OpenSSL itself; its DeleteObjects crash with notifications (RGW notes, gotcha 12) applies in TLS mode.
+    tcp_nodelay=1 as for civetweb (stacklib.py's ceph.conf says why)."""
+    return "beast ssl_endpoint=127.0.0.1:%d ssl_certificate=%s ssl_private_key=%s tcp_nodelay=1" % (
         port, pki.server_cert, pki.server_key)
 
 

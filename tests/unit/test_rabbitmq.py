@@ -232,8 +232,8 @@ def test_a_refused_permission_names_the_user_and_the_right(monkeypatch, call, ex
 def test_missing_queue_is_none_and_the_password_comes_from_its_file(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_open_url(url, **kwargs):
-        seen.update(kwargs, url=url)
+    def fake_open_url(url, context, **kwargs):
+        seen.update(kwargs, url=url, context=context)
         raise http_error(404)
     monkeypatch.setattr(mq, "open_url", fake_open_url)
     secret = tmp_path / "password"
@@ -270,3 +270,16 @@ def test_password_never_in_the_result(capsys):
                       capsys)
     assert result["failed"] and result["msg"].startswith("RabbitMQ management API unreachable at http://127.0.0.1:9")
     assert "Sup3r-s3cret" not in json.dumps(result)
+
+
+def test_one_tls_context_per_client_and_none_loaded_for_http(monkeypatch):
+    """ansible's open_url builds a TLS context (CA bundle and system folders read) on every call: the client makes
+    one for all its calls over https, and none that loads anything over http."""
+    made = []
+    monkeypatch.setattr(mq, "make_context", lambda **kwargs: made.append(kwargs) or object())
+    api = mq.ManagementApi(dict(queue_params(), api_url="https://rabbit.example:15671", ca_cert="/etc/ca.pem"))
+    assert api.tls_context is api.tls_context
+    assert made == [{"cafile": "/etc/ca.pem", "validate_certs": True}]
+    del made[:]
+    plain = mq.ManagementApi(queue_params())
+    assert plain.tls_context is plain.tls_context and made == []
