@@ -275,15 +275,32 @@ def rss_listing(env, s3, workdir, short, count, concurrency, figures):
     identity = sp.state_identity(repo.fqrn, short, PREFIX, True)
     Path(repo.state_dir, repo.fqrn + ".json").write_text(sp.dump_state(state, identity))
     del state, keys
-    ours, result, rss = repo.sync(concurrency)
-    assert result["unchanged"] == count and not result["changed"], result
+    quiet = wait_for_quiet()  # the uploads just before load the machine (load average 17 after 100,000 PUTs)
+    runs = []
+    for _ in range(3):
+        ours, result, rss = repo.sync(concurrency)
+        assert result["unchanged"] == count and not result["changed"], result
+        runs.append((ours, result, rss))
+    ours, result, _ = sorted(runs, key=lambda run: run[0])[1]  # the median run
+    rss = max(run[2] for run in runs)
     figures["rss_full_reconcile"] = {"objects": count, "peak_rss_mb": rss, "seconds": round(ours, 2),
+                                     "runs_s": [round(run[0], 2) for run in runs], "waited_for_quiet_s": quiet,
                                      "plan_s": result["durations"]["plan"],
                                      "load_average": round(os.getloadavg()[0], 2),
                                      "goal": "seconds <= 2 and peak_rss_mb <= 200 (100,000 objects)"}
-    log("[rss] full reconcile of %d objects: peak RSS %.1f MB (goal <= 200: %s), %.2f s (goal <= 2 s: %s); "
-        "load average %.2f" % (count, rss, "met" if rss <= 200 else "NOT met", ours,
-                               "met" if ours <= 2 else "NOT met", os.getloadavg()[0]))
+    log("[rss] full reconcile of %d objects (median of 3, after waiting %.0f s for the load to settle): peak RSS "
+        "%.1f MB (goal <= 200: %s), %.2f s (goal <= 2 s: %s); runs %s; load average %.2f"
+        % (count, quiet, rss, "met" if rss <= 200 else "NOT met", ours, "met" if ours <= 2 else "NOT met",
+           figures["rss_full_reconcile"]["runs_s"], os.getloadavg()[0]))
+
+
+def wait_for_quiet(below=1.5, at_most=240):
+    """Seconds waited (up to ``at_most``) for the 1-minute load average to drop below ``below``: a figure taken
+    right after the bench's own uploads measures them, not the sync."""
+    start = time.monotonic()
+    while os.getloadavg()[0] >= below and time.monotonic() - start < at_most:
+        time.sleep(5)
+    return round(time.monotonic() - start, 1)
 
 
 def hostile_tarball(index):
