@@ -82,30 +82,38 @@ def identity(user):
 
 # -- Ceph RGW ---------------------------------------------------------------------------------------------------------
 # RGW 16.2 lets only a bucket's owner set or read its notification (docs/operator-guide.md, "Rights"), so the
-# publisher owns the repositories' buckets and each user gets a policy on their own bucket; the users live in the
-# publisher's RGW tenant here, where topics are open to every user (a site puts them in tenants of their own).
+# publisher owns the repositories' buckets and each user gets a policy on their own bucket. The users live in the
+# publisher's RGW tenant, where topics are open to every user: RGW 16.2 looks a bucket's notifications up in the
+# *uploader's* tenant (rgw_notify.cc, publish_reserve), so the upload of a user of another tenant reaches the
+# bucket (named ":<bucket>") but raises no event (tests/integration/test_tenants.py proves both on the stack).
 RGW_PUBLISHER_USER = "devstack"
 RGW_TENANT_USERS = ("alice", "bob")
 CONTENT_PREFIX = "cvmfs/"
 REPORT_PREFIX = ".cvmfs-publisher/"
 
 
-def _statement(principal, actions, resource):
-    return {"Effect": "Allow", "Principal": {"AWS": ["arn:aws:iam:::user/%s" % principal]}, "Action": actions,
-            "Resource": [resource]}
+def principal(user, tenant=""):
+    """A user's ARN in a bucket policy: RGW spells the tenant in the account field, empty for the default tenant."""
+    return "arn:aws:iam::%s:user/%s" % (tenant, user)
 
 
-def tenant_bucket_policy(bucket, user, publisher=RGW_PUBLISHER_USER):
+def _statement(principal_arn, actions, resource):
+    return {"Effect": "Allow", "Principal": {"AWS": [principal_arn]}, "Action": actions, "Resource": [resource]}
+
+
+def tenant_bucket_policy(bucket, user, publisher=RGW_PUBLISHER_USER, tenant=""):
     """What the owner (the publisher) grants a user on the user's repository bucket: list it, read, write and
     delete under the content prefix. Nothing on the notification or the policy, nothing elsewhere.
 
-    An object belongs to whoever uploaded it, and its ACL lets only them read it: the policy also grants the
-    publisher, owner of the bucket, s3:GetObject on every object (RGW applies a bucket policy's Allow to objects of
-    any owner), so the user need not upload with ``bucket-owner-full-control``."""
+    ``tenant`` is the user's RGW tenant (empty: the publisher's, as on the local stack). An object belongs to
+    whoever uploaded it, and its ACL lets only them read it: the policy also grants the publisher, owner of the
+    bucket, s3:GetObject on every object (RGW applies a bucket policy's Allow to objects of any owner), so the user
+    need not upload with ``bucket-owner-full-control``."""
+    user_arn = principal(user, tenant)
     return {"Version": "2012-10-17", "Statement": [
-        _statement(user, ["s3:ListBucket"], "arn:aws:s3:::%s" % bucket),
-        _statement(publisher, ["s3:GetObject"], "arn:aws:s3:::%s/*" % bucket),
-        _statement(user, ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+        _statement(user_arn, ["s3:ListBucket"], "arn:aws:s3:::%s" % bucket),
+        _statement(principal(publisher), ["s3:GetObject"], "arn:aws:s3:::%s/*" % bucket),
+        _statement(user_arn, ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
                    "arn:aws:s3:::%s/%s*" % (bucket, CONTENT_PREFIX)),
     ]}
 
@@ -113,9 +121,10 @@ def tenant_bucket_policy(bucket, user, publisher=RGW_PUBLISHER_USER):
 def publisher_bucket_policy(bucket, publisher):
     """What a user who owns a bucket grants the publisher (Ceph after 16.2 honours the notification actions;
     16.2 refuses them to anyone but the owner): read everything, write only its reports, manage notifications."""
+    publisher_arn = principal(publisher)
     return {"Version": "2012-10-17", "Statement": [
-        _statement(publisher, ["s3:ListBucket", "s3:GetBucketNotification", "s3:PutBucketNotification"],
+        _statement(publisher_arn, ["s3:ListBucket", "s3:GetBucketNotification", "s3:PutBucketNotification"],
                    "arn:aws:s3:::%s" % bucket),
-        _statement(publisher, ["s3:GetObject"], "arn:aws:s3:::%s/*" % bucket),
-        _statement(publisher, ["s3:PutObject"], "arn:aws:s3:::%s/%s*" % (bucket, REPORT_PREFIX)),
+        _statement(publisher_arn, ["s3:GetObject"], "arn:aws:s3:::%s/*" % bucket),
+        _statement(publisher_arn, ["s3:PutObject"], "arn:aws:s3:::%s/%s*" % (bucket, REPORT_PREFIX)),
     ]}

@@ -3,14 +3,24 @@
 The stack has the publisher's S3 identity (it owns the repositories' buckets, as RGW 16.2 requires of whoever
 manages a bucket's notification) and two users, alice and bob, each granted devstack/rights.py's
 ``tenant_bucket_policy`` on their own bucket only. Refusals are asserted on RGW's, RabbitMQ's and the modules' words.
+
+alice and bob live in the publisher's (default, empty) RGW tenant, where RGW 16.2 topics are open to every user. The
+``_on_rgw_16_2`` tests below prove on the stack's radosgw why they stay there: a user of an RGW tenant of their own
+reaches the publisher's bucket (as ``:<bucket>``) but their uploads raise no event, and the tenant keeps them away
+from the publisher's topics but not from the persistent queues behind them (docs/operator-guide.md, "Rights").
 """
 import json
+import os
+import secrets
+import string
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
+import botocore.handlers
 import hvac
 import pika
 import pytest
@@ -25,13 +35,15 @@ RGW = "infn_cloud.cvmfs_publisher.rgw_bucket_notification"
 DELIVERY_WAIT = 60  # seconds: a bound on polling, not a threshold
 
 
+def _keys_of(stack, user):
+    secrets_dir = Path(stack["DEVSTACK_DIR"]) / "secrets"
+    return dict(aws_access_key_id=(secrets_dir / ("rgw_%s_access_key" % user)).read_text().strip(),
+                aws_secret_access_key=(secrets_dir / ("rgw_%s_secret_key" % user)).read_text().strip())
+
+
 def s3_as(stack, user):
     """An S3 client with a tenant's own keys (secrets/rgw_<user>_access_key)."""
-    secrets = Path(stack["DEVSTACK_DIR"]) / "secrets"
-    kwargs = dict(aws_kwargs(stack),
-                  aws_access_key_id=(secrets / ("rgw_%s_access_key" % user)).read_text().strip(),
-                  aws_secret_access_key=(secrets / ("rgw_%s_secret_key" % user)).read_text().strip())
-    return boto3.client("s3", **kwargs)
+    return boto3.client("s3", **dict(aws_kwargs(stack), **_keys_of(stack, user)))
 
 
 def denied(call):
@@ -49,6 +61,79 @@ def buckets(stack, s3, unique_name):
         s3.create_bucket(Bucket=bucket)
         s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(rights.tenant_bucket_policy(bucket, user)))
     return names
+
+
+def _ceph_env(stack):
+    return dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf"))
+
+
+def _radosgw_admin(stack, *args):
+    result = subprocess.run(["radosgw-admin"] + list(args), capture_output=True, text=True, timeout=120,
+                            env=_ceph_env(stack))
+    assert result.returncode == 0, "radosgw-admin %s: exit %d" % (args[:2], result.returncode)  # output has keys
+
+
+def sns_error(call):
+    """(HTTP status, RGW's error code) of a refused SNS call. RGW 16.2 answers SNS calls with S3-style errors,
+    which botocore's query parser leaves at the top of the response instead of under "Error"."""
+    with pytest.raises(ClientError) as refused:
+        call()
+    response = refused.value.response
+    return response["ResponseMetadata"]["HTTPStatusCode"], response.get("Error", {}).get("Code") or response["Code"]
+
+
+@pytest.fixture
+def other_tenant(stack, unique_name):
+    """A user in an RGW tenant of their own (tenant = uid, as a site would make them), with an S3 client that may
+    name a bucket of the publisher's tenant ":<bucket>" (botocore's validate_bucket_name refuses ':'; the client
+    sends it percent-encoded, path-style: GET /%3A<bucket>/<key>) and an SNS client. Removed at the end."""
+    name = "u" + unique_name
+    access_key = "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(20))
+    secret_key = secrets.token_urlsafe(30)
+    _radosgw_admin(stack, "user", "create", "--tenant", name, "--uid", name, "--display-name", "tenant " + name,
+                   "--access-key", access_key, "--secret-key", secret_key)
+    kwargs = dict(aws_kwargs(stack), aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+    s3 = boto3.client("s3", **kwargs)
+    s3.meta.events.unregister("before-parameter-build.s3", botocore.handlers.validate_bucket_name)
+    yield SimpleNamespace(name=name, s3=s3, sns=boto3.client("sns", **kwargs))
+    _radosgw_admin(stack, "user", "rm", "--tenant", name, "--uid", name)
+
+
+def _wire(bucket, persistent=False):
+    """What provisioning does for a repository (as the publisher, through the modules): its queue bound to the
+    notification exchange by the bucket's name, its topic, the bucket's notification. Returns the topic's ARN."""
+    rabbitmq = dict(api_url="{{ cvmfs_publisher_rabbitmq_api_url }}",
+                    login_user="{{ cvmfs_publisher_rabbitmq_user }}",
+                    login_password_file="{{ cvmfs_publisher_rabbitmq_password_file }}")
+    rgw = dict(endpoint_url="{{ cvmfs_publisher_rgw_endpoint }}",
+               access_key_file="{{ cvmfs_publisher_rgw_access_key_file }}",
+               secret_key_file="{{ cvmfs_publisher_rgw_secret_key_file }}")
+    assert run_module("infn_cloud.cvmfs_publisher.amqp_queue", dict(rabbitmq, name=bucket))[0] == 0
+    rc, topic = run_module("infn_cloud.cvmfs_publisher.rgw_topic", dict(
+        rgw, name=bucket, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}", persistent=persistent))
+    assert rc == 0, topic
+    rc, result = run_module(RGW, dict(rgw, bucket=bucket, topic_arn=topic["arn"]))
+    assert rc == 0, result
+    return topic["arn"]
+
+
+def _records_until(stack, queue, last_key):
+    """(event name, bucket, key) of every record on the queue up to the one for ``last_key`` (waits for it)."""
+    records = []
+    connection = pika.BlockingConnection(amqp_parameters(stack, "daemon"))
+    try:
+        channel = connection.channel()
+        deadline = time.monotonic() + DELIVERY_WAIT
+        for method, _, body in channel.consume(queue, auto_ack=True, inactivity_timeout=1):
+            if method is not None:
+                records += [(r["eventName"], r["s3"]["bucket"]["name"], r["s3"]["object"]["key"])
+                            for r in json.loads(body)["Records"]]
+            if any(key == last_key for _, _, key in records) or time.monotonic() > deadline:
+                break
+        channel.cancel()
+    finally:
+        connection.close()
+    return records
 
 
 def test_the_stack_has_the_tenants(stack):
@@ -90,19 +175,8 @@ def test_a_users_keys_reach_their_own_bucket_only(stack, s3, buckets):
 
 def test_bobs_upload_reaches_bobs_queue_only(stack, s3, buckets, unique_name):
     """The routing that keeps repositories apart: bucket -> its own topic -> routing key -> its own queue."""
-    rabbitmq = dict(api_url="{{ cvmfs_publisher_rabbitmq_api_url }}",
-                    login_user="{{ cvmfs_publisher_rabbitmq_user }}",
-                    login_password_file="{{ cvmfs_publisher_rabbitmq_password_file }}")
-    rgw = dict(endpoint_url="{{ cvmfs_publisher_rgw_endpoint }}",
-               access_key_file="{{ cvmfs_publisher_rgw_access_key_file }}",
-               secret_key_file="{{ cvmfs_publisher_rgw_secret_key_file }}")
     for bucket in buckets.values():
-        assert run_module("infn_cloud.cvmfs_publisher.amqp_queue", dict(rabbitmq, name=bucket))[0] == 0
-        rc, topic = run_module("infn_cloud.cvmfs_publisher.rgw_topic", dict(
-            rgw, name=bucket, push_endpoint="{{ cvmfs_publisher_topic_push_endpoint }}", persistent=False))
-        assert rc == 0, topic
-        rc, result = run_module(RGW, dict(rgw, bucket=bucket, topic_arn=topic["arn"]))
-        assert rc == 0, result
+        _wire(bucket)
 
     s3_as(stack, "bob").put_object(Bucket=buckets["bob"], Key="cvmfs/bob.txt", Body=b"bob's")
 
@@ -152,6 +226,113 @@ def test_publisher_by_bucket_policy_on_rgw_16_2(stack, s3, unique_name):
     assert ("RGW identity '%s' lacks s3:GetBucketNotification (RGW 16.2 allows bucket notification calls to the "
             "bucket's owner only, whatever its policy says)" % access_key) in result["msg"], result["msg"]
     assert Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip() not in json.dumps(result)
+
+
+# -- RGW 16.2 tenants: why alice and bob stay in the publisher's tenant ------------------------------------------------
+
+def test_a_user_of_another_tenant_reaches_the_bucket_but_raises_no_event_on_rgw_16_2(stack, s3, unique_name,
+                                                                                      other_tenant):
+    """A user in an RGW tenant of their own, granted the publisher's bucket by policy (principal
+    arn:aws:iam::<tenant>:user/<uid>), lists, reads, writes and deletes under cvmfs/ of ":<bucket>" (RGW's
+    rgw_parse_url_bucket: the empty tenant's bucket). But RGW 16.2 looks the bucket's notifications up in the
+    uploader's tenant (rgw_notify.cc, publish_reserve), where the bucket has none: their uploads and deletions raise
+    no event, while the publisher's own, on the same bucket and notification, do. A repository whose user is in
+    another tenant would never be published."""
+    user, bucket = other_tenant, unique_name
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(
+        rights.tenant_bucket_policy(bucket, user.name, tenant=user.name)))
+    _wire(bucket)
+    theirs = ":" + bucket
+
+    user.s3.put_object(Bucket=theirs, Key="cvmfs/tenant.txt", Body=b"tenant's")
+    assert user.s3.get_object(Bucket=theirs, Key="cvmfs/tenant.txt")["Body"].read() == b"tenant's"
+    assert [o["Key"] for o in user.s3.list_objects_v2(Bucket=theirs)["Contents"]] == ["cvmfs/tenant.txt"]
+    assert denied(lambda: user.s3.put_object(Bucket=theirs, Key=".cvmfs-publisher/x", Body=b"x")) == "AccessDenied"
+    # (RGWPSListNotifsOp::verify_permission looks the bucket up in their own tenant: 405 from RGW 16.2.)
+    assert denied(lambda: user.s3.get_bucket_notification_configuration(Bucket=theirs)) in \
+        ("AccessDenied", "MethodNotAllowed")
+    assert s3.get_object(Bucket=bucket, Key="cvmfs/tenant.txt")["Body"].read() == b"tenant's"
+    # The publisher's upload after theirs: its event arrives, theirs never came before it.
+    s3.put_object(Bucket=bucket, Key="cvmfs/publisher.txt", Body=b"publisher's")
+    assert _records_until(stack, bucket, "cvmfs/publisher.txt") == \
+        [("ObjectCreated:Put", bucket, "cvmfs/publisher.txt")]
+
+    user.s3.delete_object(Bucket=theirs, Key="cvmfs/tenant.txt")
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["cvmfs/publisher.txt"]
+    s3.delete_object(Bucket=bucket, Key="cvmfs/publisher.txt")
+    assert _records_until(stack, bucket, "cvmfs/publisher.txt") == \
+        [("ObjectRemoved:Delete", bucket, "cvmfs/publisher.txt")]
+
+
+def test_users_of_the_publishers_tenant_reach_its_topics_on_rgw_16_2(stack, sns, unique_name):
+    """The limit the stack lives with: RGW 16.2 checks no permission on topic calls (their verify_permission
+    returns 0) and keeps topics per tenant, so alice's keys list, read, re-point and delete the publisher's topic
+    of bob's repository."""
+    alice = boto3.client("sns", **dict(aws_kwargs(stack), **_keys_of(stack, "alice")))
+    arn = sns.create_topic(Name=unique_name, Attributes={"push-endpoint": stack["TOPIC_PUSH_ENDPOINT"],
+                                                         "amqp-exchange": stack["AMQP_EXCHANGE"]})["TopicArn"]
+    assert arn == "arn:aws:sns:%s::%s" % (stack["RGW_REGION"], unique_name)
+    assert arn in [t["TopicArn"] for t in alice.list_topics()["Topics"]]
+    assert alice.get_topic_attributes(TopicArn=arn)["Attributes"] == \
+        sns.get_topic_attributes(TopicArn=arn)["Attributes"]
+    assert alice.create_topic(Name=unique_name, Attributes={"push-endpoint": "amqp://127.0.0.1:1",
+                                                            "amqp-exchange": "elsewhere"})["TopicArn"] == arn
+    assert json.loads(sns.get_topic_attributes(TopicArn=arn)["Attributes"]["EndPoint"])["EndpointAddress"] == \
+        "amqp://127.0.0.1:1"
+    alice.delete_topic(TopicArn=arn)
+    assert sns_error(lambda: sns.get_topic_attributes(TopicArn=arn)) == (404, "NoSuchEntity")
+
+
+def test_topics_are_per_tenant_but_persistent_queues_are_not_on_rgw_16_2(stack, s3, sns, unique_name, other_tenant):
+    """A user of another tenant neither lists, reads, overwrites nor deletes the publisher's topic: every topic call
+    acts on the caller's tenant (RGWPubSub of the requester's tenant, topics in the RADOS object pubsub.<tenant>)
+    and reads only the name out of a TopicArn. But the queue RGW 16.2 keeps for a persistent topic is the RADOS
+    object named after the topic alone (rgw_notify.cc, add/remove_persistent_topic), and DeleteTopic removes it
+    before looking at any topic: their DeleteTopic leaves the publisher's topic as it was and removes its queue, and
+    from then on every upload into the repository's bucket is refused until the publisher creates the topic again."""
+    user, bucket = other_tenant, unique_name
+    s3.create_bucket(Bucket=bucket)
+    arn = _wire(bucket, persistent=True)
+    before = sns.get_topic_attributes(TopicArn=arn)["Attributes"]
+    assert json.loads(before["EndPoint"])["Persistent"] == "true"
+
+    assert user.sns.list_topics()["Topics"] == []
+    assert sns_error(lambda: user.sns.get_topic_attributes(TopicArn=arn)) == (404, "NoSuchEntity")
+    # The same name lands in their own tenant (its ARN says so); the publisher's topic is untouched.
+    theirs = user.sns.create_topic(Name=bucket, Attributes={"push-endpoint": "amqp://127.0.0.1:1",
+                                                            "amqp-exchange": "elsewhere"})["TopicArn"]
+    assert theirs == "arn:aws:sns:%s:%s:%s" % (stack["RGW_REGION"], user.name, bucket)
+    assert [t["TopicArn"] for t in user.sns.list_topics()["Topics"]] == [theirs]
+    assert sns.get_topic_attributes(TopicArn=arn)["Attributes"] == before
+    assert _notif_queue_exists(stack, bucket)
+    s3.put_object(Bucket=bucket, Key="cvmfs/before.txt", Body=b"1")
+
+    user.sns.delete_topic(TopicArn=arn)     # accepted: it removes *their* topic of that name ...
+    assert user.sns.list_topics()["Topics"] == []
+    assert sns.get_topic_attributes(TopicArn=arn)["Attributes"] == before     # ... the publisher's stays as it was
+    assert arn in [t["TopicArn"] for t in sns.list_topics()["Topics"]]
+    assert not _notif_queue_exists(stack, bucket)                            # ... but its queue is gone,
+    # and RGW refuses every upload into the bucket (its log: "failed to reserve notification on queue: <topic>.
+    # error: -22"), the publisher's as any user's.
+    assert denied(lambda: s3.put_object(Bucket=bucket, Key="cvmfs/after.txt", Body=b"2")) == "InvalidArgument"
+
+    # The publisher's CreateTopic makes the queue again (RGW's add_persistent_topic), and uploads work again.
+    # (rgw_topic alone would not: it finds the topic unchanged and calls nothing.)
+    sns.delete_topic(TopicArn=arn)
+    assert _wire(bucket, persistent=True) == arn
+    assert _notif_queue_exists(stack, bucket)
+    s3.put_object(Bucket=bucket, Key="cvmfs/again.txt", Body=b"3")
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["cvmfs/again.txt", "cvmfs/before.txt"]
+
+
+def _notif_queue_exists(stack, topic):
+    """Whether RGW's persistent queue for ``topic`` exists: the RADOS object of that name in the zone's log pool,
+    namespace "notif" (the local stack's zone: default.rgw.log)."""
+    result = subprocess.run(["rados", "-p", "default.rgw.log", "-N", "notif", "stat", topic], capture_output=True,
+                            text=True, timeout=60, env=_ceph_env(stack))
+    assert result.returncode == 0 or "(2) No such file or directory" in result.stderr, result.stderr
+    return result.returncode == 0
 
 
 # -- Vault ------------------------------------------------------------------------------------------------------------
