@@ -1,8 +1,11 @@
 """cvmfs_sync against the local stack: real RGW, the cvmfs_server stand-in, real ansible for the operator's view."""
+import base64
 import io
 import json
+import pickle
 import stat
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,11 @@ def test_the_playbook_builds_the_module_payload_once_for_every_later_run(repo, t
     assert len(lasting) == 1, sorted(p.name for p in local_tmp.iterdir())
     payload = lasting[0] / "ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules.cvmfs_sync-ZIP_DEFLATED-none"
     built = payload.stat()
+    assert payload.with_name(payload.name + ".bytecode").exists(), "the first run gave the payload its bytecode"
+    with payload.open("rb") as handle:
+        names = zipfile.ZipFile(io.BytesIO(base64.b64decode(pickle.load(handle).zip_data))).namelist()
+    assert "ansible/module_utils/basic.pyc" in names and \
+        "ansible_collections/infn_cloud/cvmfs_publisher/plugins/module_utils/_sync.pyc" in names
     repo.put("cvmfs/two", b"two")
     second = run_playbook("sync_repository.yml", {"cvmfs_repository": repo.fqrn}, env=env)
     assert second.returncode == 0, second.stdout[-3000:]

@@ -1,6 +1,13 @@
 """plugin_utils/_ansiballz_cache.py: the lasting AnsiballZ payload cache shared by ansible-playbook processes."""
+import base64
+import dataclasses
+import io
 import os
+import pickle
 import shutil
+import subprocess
+import sys
+import zipfile
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.plugin_utils import _ansiballz_cache as cache
 
@@ -79,3 +86,75 @@ def test_lasting_folders_unused_for_a_week_are_pruned_when_a_run_links_another(t
     again.mkdir()
     assert cache.share(str(again)) == lasting and os.path.isdir(lasting)
     assert os.stat(lasting).st_mtime > week_ago + cache.PRUNE_AFTER, "linking marks the folder used again"
+
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedPayload:
+    """Shaped like ansible-core's cached payload (module_common._CachedModule): frozen, zip_data in base64."""
+    zip_data: bytes
+    metadata: str
+
+
+def _payload(path, files):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    path.write_bytes(pickle.dumps(CachedPayload(zip_data=base64.b64encode(buffer.getvalue()), metadata="m")))
+    return path
+
+
+def _cached(path):
+    return pickle.loads(path.read_bytes())
+
+
+def _imports(zip_path):
+    """What ``pkg.m.VALUE`` is when a fresh Python imports it from the zip."""
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import pkg.m; "
+                            "print(pkg.m.VALUE)", str(zip_path)], capture_output=True, text=True)
+    return probe.stdout.strip() or probe.stderr
+
+
+def test_payloads_get_bytecode_once_and_python_imports_it(tmp_path):
+    """Each payload gets a .pyc beside every .py, once, and Python's zipimport takes the bytecode: the module
+    imports even when the source beside it is made uncompilable."""
+    lasting = tmp_path / "lasting"
+    lasting.mkdir()
+    payload = _payload(lasting / "mod-ZIP_DEFLATED-none", {
+        "pkg/__init__.py": "", "pkg/m.py": "from __future__ import annotations\nVALUE = 'from bytecode'\n"})
+    (lasting / "mod-ZIP_DEFLATED-none.lock").write_text("")
+    assert cache.add_bytecode(str(lasting)) == ["mod-ZIP_DEFLATED-none"]
+    archive = zipfile.ZipFile(io.BytesIO(base64.b64decode(_cached(payload).zip_data)))
+    assert sorted(archive.namelist()) == ["pkg/__init__.py", "pkg/__init__.pyc", "pkg/m.py", "pkg/m.pyc"]
+    assert _cached(payload).metadata == "m", "the rest of the cached payload is kept"
+    before = payload.stat()
+    assert cache.add_bytecode(str(lasting)) == [], "once per payload"
+    assert payload.stat().st_mtime_ns == before.st_mtime_ns
+    assert sorted(os.listdir(lasting)) == ["mod-ZIP_DEFLATED-none", "mod-ZIP_DEFLATED-none.bytecode",
+                                           "mod-ZIP_DEFLATED-none.lock"], "no temporary file left"
+
+    runnable = tmp_path / "run.zip"
+    with zipfile.ZipFile(runnable, "w") as out:
+        for info in archive.infolist():
+            out.writestr(info, b"this is not python" if info.filename == "pkg/m.py" else archive.read(info))
+    assert _imports(runnable) == "from bytecode"
+
+
+def test_bytecode_of_another_python_gives_way_to_the_source(tmp_path):
+    """A .pyc with a foreign magic number (the module runs on another Python version): the .py is compiled."""
+    runnable = tmp_path / "run.zip"
+    with zipfile.ZipFile(runnable, "w") as out:
+        out.writestr("pkg/__init__.py", "")
+        out.writestr("pkg/m.py", "VALUE = 'from source'\n")
+        out.writestr("pkg/m.pyc", b"\x00\x00\r\n" + b"\x01\x00\x00\x00" + b"\x00" * 8 + b"garbage")
+    assert _imports(runnable) == "from source"
+
+
+def test_a_payload_it_cannot_read_is_left_as_it_is(tmp_path):
+    lasting = tmp_path / "lasting"
+    lasting.mkdir()
+    (lasting / "odd-ZIP_DEFLATED-none").write_bytes(b"not a pickle")
+    assert cache.add_bytecode(str(lasting)) == []
+    assert (lasting / "odd-ZIP_DEFLATED-none").read_bytes() == b"not a pickle"
+    assert cache.add_bytecode(str(tmp_path / "missing")) == []

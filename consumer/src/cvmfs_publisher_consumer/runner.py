@@ -32,9 +32,10 @@ log = logging.getLogger("cvmfs_publisher.runner")
 
 MAX_ERROR_LENGTH = 500
 
-# What every run gets unless the operator's ``ansible.env`` says otherwise: the module goes to python's stdin
-# (pipelining: no remote temporary folder and the four commands around it), and no fact gathering.
-RUN_ENV_DEFAULTS = {"ANSIBLE_PIPELINING": "True", "ANSIBLE_GATHERING": "explicit"}
+# What every run gets unless the operator's ``ansible.env`` says otherwise: no pipelining (the module runs from a
+# file: Python reads a script from stdin much more slowly, and the collection's payloads carry their bytecode, see
+# plugins/plugin_utils/_ansiballz_cache.py; bench/profile.py measures both), and no fact gathering.
+RUN_ENV_DEFAULTS = {"ANSIBLE_PIPELINING": "False", "ANSIBLE_GATHERING": "explicit"}
 
 
 @dataclass
