@@ -236,7 +236,7 @@ PLAYBOOK_ENV = """
     ({}, {"pipelining": False, "gathering": "explicit"}),
     ({"ANSIBLE_PIPELINING": "True"}, {"pipelining": True, "gathering": "explicit"}),
 ])
-def test_runs_without_pipelining_and_gather_no_facts_unless_the_operator_says_otherwise(project, operator_env, expected):
+def test_runs_without_pipelining_and_gathers_no_facts_unless_told(project, operator_env, expected):
     runner = make_runner(project, PLAYBOOK_ENV)
     runner.settings["env"] = dict(runner.settings["env"], **operator_env)
     out = project["tmp"] / "env.json"

@@ -92,6 +92,10 @@ options:
         duplicates are possible). RGW 16.2 starts delivering a new persistent topic's events after up to 30 s.
       - V(false) makes RGW push each event synchronously and drop it when the broker is unreachable (the S3 call
         still succeeds), so an event is lost for every upload made while RabbitMQ is down.
+      - For a persistent topic whose attributes already match, the module sends them again without reporting a
+        change, so that RGW re-creates the topic's event queue if it is missing. On RGW 16.2 any user's
+        C(DeleteTopic) of the same name, from any tenant, removes that queue and leaves the topic, and RGW refuses
+        every upload into the bucket until the queue exists again.
     type: bool
     default: true
   opaque_data:

@@ -317,10 +317,13 @@ def test_topics_are_per_tenant_but_persistent_queues_are_not_on_rgw_16_2(stack, 
     # error: -22"), the publisher's as any user's.
     assert denied(lambda: s3.put_object(Bucket=bucket, Key="cvmfs/after.txt", Body=b"2")) == "InvalidArgument"
 
-    # The publisher's CreateTopic makes the queue again (RGW's add_persistent_topic), and uploads work again.
-    # (rgw_topic alone would not: it finds the topic unchanged and calls nothing.)
-    sns.delete_topic(TopicArn=arn)
-    assert _wire(bucket, persistent=True) == arn
+    # The publisher's next provisioning run makes the queue again: rgw_topic finds the topic unchanged (changed=False)
+    # and sends its attributes again, and RGW's CreateTopic re-creates a missing queue (add_persistent_topic).
+    rc, again = run_module("infn_cloud.cvmfs_publisher.rgw_topic", dict(
+        endpoint_url=stack["RGW_ENDPOINT"], access_key_file=stack["RGW_ACCESS_KEY_FILE"],
+        secret_key_file=stack["RGW_SECRET_KEY_FILE"], name=bucket, persistent=True,
+        push_endpoint=stack["TOPIC_PUSH_ENDPOINT"]))
+    assert rc == 0 and again["changed"] is False and again["arn"] == arn, again
     assert _notif_queue_exists(stack, bucket)
     s3.put_object(Bucket=bucket, Key="cvmfs/again.txt", Body=b"3")
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["cvmfs/again.txt", "cvmfs/before.txt"]

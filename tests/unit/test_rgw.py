@@ -329,11 +329,21 @@ def expect_lookup(sns, attributes):
         sns.stub.add_response("get_topic_attributes", {"Attributes": attributes}, {"TopicArn": ARN})
 
 
-def test_ensure_topic_unchanged(sns):
+def test_ensure_topic_unchanged_sends_a_persistent_topic_again_for_its_queue(sns):
+    """Nothing changes (changed=False), but a persistent topic's attributes are sent again: RGW re-creates the
+    topic's queue if another user's DeleteTopic removed it (tests/integration/test_tenants.py shows that on RGW)."""
     expect_lookup(sns, REAL_ATTRIBUTES)
+    sns.stub.add_response("create_topic", {"TopicArn": ARN}, {
+        "Name": "alice", "Attributes": topic.topic_create_attributes(topic.desired_topic(topic_params()))})
     result = topic.ensure_topic(sns, topic_params(), check_mode=False)
     assert result["changed"] is False and result["arn"] == ARN
-    assert result["notifications_need_refresh"] is False
+    assert result["notifications_need_refresh"] is False and result["changed_attributes"] == []
+
+
+def test_ensure_topic_unchanged_in_check_mode_sends_nothing(sns):
+    expect_lookup(sns, REAL_ATTRIBUTES)
+    result = topic.ensure_topic(sns, topic_params(), check_mode=True)
+    assert result["changed"] is False and result["arn"] == ARN
 
 
 def test_ensure_topic_update_says_notifications_need_refresh(sns):

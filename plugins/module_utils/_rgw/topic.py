@@ -251,6 +251,12 @@ def ensure_topic(rgw, params, check_mode):
     desired = desired_topic(params)
     differences = topic_differences(current, desired) if current is not None else sorted(desired)
     if current is not None and not differences:
+        if desired["persistent"] and not check_mode:
+            # The same attributes again: nothing about the topic changes, but RGW makes the topic's queue (a RADOS
+            # object named after the topic alone) if it is missing. On RGW 16.2 any user's DeleteTopic of that name,
+            # from any tenant, removes the queue and leaves the topic: every upload into the bucket is then refused
+            # (InvalidArgument) until this call. See docs/operator-guide.md, "Rights".
+            create_topic(rgw, name, desired)
         return dict(changed=False, name=name, arn=arn, topic=masked_topic(current), changed_attributes=[],
                     notifications_need_refresh=False, diff=dict(before=masked_topic(current),
                                                                 after=masked_topic(current)))
