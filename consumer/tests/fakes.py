@@ -154,7 +154,8 @@ class FakeRunner:
         outcome = self.outcomes.pop(0) if self.outcomes else "successful"
         return RunResult(playbook=playbook_key, outcome=outcome, rc=0 if outcome == "successful" else 2,
                          duration=0.1, error="" if outcome == "successful" else "Publish: gateway said no",
-                         refusals=self.refusals.pop(0) if getattr(self, "refusals", None) else None)
+                         refusals=self.refusals.pop(0) if getattr(self, "refusals", None) else None,
+                         stats=self.stats.pop(0) if getattr(self, "stats", None) else {})
 
 
 REGISTRY = "cvmfs-publisher.registry"

@@ -73,3 +73,65 @@ def test_a_failed_provisioning_is_retried_here_and_never_dead_lettered(daemon):
     assert [playbook for playbook, _extravars in daemon.runner.runs].count("provision_playbook") == 3
     assert daemon.broker.actions() == [("forward", "publisher")]
     assert "carol.infn.it" in daemon.registry.applied
+
+
+def test_what_was_applied_here_is_applied_again_periodically_and_a_change_is_drift(daemon, caplog):
+    """Every provisioning.reapply_interval each request applied here runs again; a run that changed something (a
+    topic re-pointed or deleted behind the publisher's back) is logged and counted as drift; a re-apply never holds
+    the repository's queue back, even when it fails."""
+    daemon.broker.queues.add("carol")
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    (Path(daemon.config["repositories.config_dir"]) / "carol.infn.it").mkdir()   # what the playbook created
+    stored = json.loads((Path(daemon.config["state_dir"]) / "registry.json").read_text())["requests"]
+    assert stored == {"carol.infn.it": {"repository": "carol.infn.it", "subject": "sub-c", "group": None,
+                                        "owner": "carol", "form": "csv"}}
+    interval = daemon.config["provisioning.reapply_interval"]
+    assert interval == 3600
+    daemon.scheduler.full_interval = 0   # no periodic full sync in between: only provisioning runs here
+    daemon.provisioning.reapply_due(daemon.clock())
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 1, "no re-apply right after start"
+
+    def reapply(stats=None, outcome="successful"):
+        daemon.clock_value[0] += interval
+        daemon.runner.stats = [stats or {}]
+        daemon.runner.outcomes = [outcome]
+        daemon.provisioning.reapply_due(daemon.clock())
+        daemon._start_ready()
+        assert not daemon.status.provisioning_unfinished("carol.infn.it"), "a re-apply holds nothing back"
+        settle(daemon)
+        assert daemon.runner.runs[-1] == ("provision_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                                 "cvmfs_subject": "sub-c"})
+
+    def drift():
+        return daemon.metrics.provisioning_drift.labels("carol.infn.it")._value.get()
+
+    reapply({"changed": {"localhost": 0}, "ok": {"localhost": 9}})
+    assert len(daemon.runner.runs) == 2 and drift() == 0
+    reapply({"changed": {"localhost": 2}, "ok": {"localhost": 9}})
+    assert drift() == 1
+    [line] = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "provisioning_drift"]
+    assert line.getMessage().startswith("provisioning of carol.infn.it had drifted: its re-apply changed 2 thing(s)")
+    reapply(outcome="failed")
+    assert not daemon.status.provisioning_unfinished("carol.infn.it") and "carol" in daemon.broker.callbacks
+    assert drift() == 1
+
+
+def test_no_reapply_when_the_interval_is_zero_or_the_repository_is_gone(daemon):
+    daemon.scheduler.full_interval = 0
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    for _ in range(2):   # carol's repository does not exist here (the fake playbook created nothing)
+        daemon.clock_value[0] += 3600
+        daemon.provisioning.reapply_due(daemon.clock())
+        daemon._start_ready()
+    assert len(daemon.runner.runs) == 1
+    (Path(daemon.config["repositories.config_dir"]) / "carol.infn.it").mkdir()
+    daemon.provisioning.reapply_interval = 0
+    daemon.clock_value[0] += 7200
+    daemon.provisioning.reapply_due(daemon.clock())
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 1

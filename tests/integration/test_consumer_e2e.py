@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -641,3 +642,31 @@ def test_a_hostile_tarball_is_refused_alone_and_the_run_succeeds(stack, s3, daem
     assert [r["key"] for r in report["refused"]] == ["cvmfs/evil.tgz"]
     shown = subprocess.run([str(CLI), "-c", str(daemon.config_path), "status"], capture_output=True, text=True)
     assert "cvmfs/evil.tgz: tarball refused, nothing of it published: member 'c'" in shown.stdout, shown.stdout
+
+
+
+def test_a_topic_changed_behind_the_publishers_back_is_repaired_by_the_periodic_reapply(stack, s3, sns, daemons,
+                                                                                        unique_name):
+    """provisioning.reapply_interval: every request applied here runs again. Someone's keys re-point the
+    repository's topic (RGW 16.2 lets any user of the tenant do it, test_tenants.py): uploads then publish nothing;
+    the next re-apply puts the topic and the bucket's notification back (logged and counted as drift) and uploads
+    are published again, with no person in the loop."""
+    daemon = daemons(provisioning__reapply_interval=5).start()
+    fqrn = provision(stack, s3, daemon, unique_name)
+    [arn] = {t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].rsplit(":", 1)[-1] == unique_name}
+    endpoint = json.loads(sns.get_topic_attributes(TopicArn=arn)["Attributes"]["EndPoint"])["EndpointAddress"]
+    daemon.wait_for(lambda e: e.get("event") == "run_succeeded" and e.get("mode") == "provision", "no re-apply",
+                    count=2)
+    assert not [e for e in daemon.events() if e.get("event") == "provisioning_drift"], "an untouched repository drifted"
+
+    sns.create_topic(Name=unique_name, Attributes={"push-endpoint": "amqp://127.0.0.1:1",
+                                                   "amqp-exchange": "elsewhere", "amqp-ack-level": "none"})
+    [drift] = daemon.wait_for(lambda e: e.get("event") == "provisioning_drift" and e.get("repository") == fqrn,
+                              "the re-pointed topic was never repaired")
+    assert drift["changed"] >= 2, drift   # the topic, and the notification made again to pick it up
+    assert json.loads(sns.get_topic_attributes(TopicArn=arn)["Attributes"]["EndPoint"])["EndpointAddress"] == endpoint
+    s3.put_object(Bucket=unique_name, Key="cvmfs/after-the-repair.txt", Body=b"back\n")
+    assert "after-the-repair.txt" in wait_published(stack, s3, fqrn, unique_name)
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % daemon.metrics_port, timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'cvmfs_publisher_provisioning_drift_total{repository="%s"} 1.0' % fqrn in metrics

@@ -80,6 +80,8 @@ FIELDS: Dict[str, Field] = {
                              doc="stream of every accepted provisioning request, replayed by every host"),
     "queues.publisher_prefetch": Field(int, 10, _positive),
     "queues.sync_prefetch": Field(int, 1000, _positive),
+    "provisioning.reapply_interval": Field(float, 3600.0, _not_negative, doc="seconds between two runs of every "
+                                           "provisioning applied here, which repair what changed since; 0: never"),
     "repositories.config_dir": Field(str, "/etc/cvmfs/repositories.d"),
     "repositories.include": Field(list, ["*"], doc="shell patterns of the fqrns this daemon consumes"),
     "repositories.rescan_interval": Field(float, 60.0, _not_negative),

@@ -27,7 +27,7 @@ from .failures import Failures
 from .logs import fields
 from .messages import MessageError, parse_s3_event, short_name, touched_keys
 from .metrics import PUBLISHER, REPOSITORY, Metrics
-from .provisioning import Provisioning
+from .provisioning import Provisioning, reapplied
 from .redact import known_secrets
 from .refusals import Refusals
 from .registry import Registry
@@ -92,7 +92,7 @@ class Daemon:
         if self.config["metrics.port"]:
             self.metrics.serve(self.config["metrics.address"], self.config["metrics.port"], page=self.status_page)
         log.info("starting", extra=fields(event="starting", pid=os.getpid(), config=self.config.path))
-        self._log_isolation()
+        guard.log_isolation(log)
         delays = None
         while not self.stopping:
             try:
@@ -109,17 +109,6 @@ class Daemon:
                 self._wait(next(delays))
         self._shutdown()
         return 0
-
-    @staticmethod
-    def _log_isolation():
-        isolation = guard.isolation_available()
-        if isolation == guard.PID_NAMESPACE:
-            log.info("each run gets a PID namespace: no process of a run outlives the daemon",
-                     extra=fields(event="run_isolation", isolation=isolation))
-        else:
-            log.warning("no PID namespace for runs (needs CAP_SYS_ADMIN): a run's orphans are killed when it ends or "
-                        "the daemon dies, but not if its guard process is killed itself",
-                        extra=fields(event="run_isolation", isolation=isolation))
 
     def _connect(self):
         self.broker.connect()
@@ -168,6 +157,7 @@ class Daemon:
             self._rescan()
             self._probe_depths()
             self._spread()
+            self.provisioning.reapply_due(self.clock())
 
     def _shutdown(self):
         """Stop consuming, let running runs finish for ``shutdown_grace`` seconds, then cancel them; every
@@ -301,7 +291,7 @@ class Daemon:
         for batch in self.scheduler.take_ready(self.clock()):
             self.metrics.runs_in_progress.inc()
             self.metrics.batch_size.labels(batch.mode).observe(batch.size)
-            if batch.mode == PROVISION:
+            if batch.mode == PROVISION and not reapplied(batch):   # a re-apply never holds a queue back
                 self.status.provisioning(batch.lane, "started")
             log.info("run started: %s %s", batch.mode, batch.lane,
                      extra=fields(event="run_started", repository=batch.lane, mode=batch.mode,
@@ -330,7 +320,7 @@ class Daemon:
         if result.ok:
             log.info("run succeeded: %s %s", batch.mode, batch.lane, extra=fields(event="run_succeeded", **log_fields))
             if batch.mode == PROVISION:
-                self.registry.finished(batch.request, succeeded=True)
+                self.provisioning.succeeded(batch, result)
                 self.status.provisioned(batch.lane)
                 if self.broker.is_open and included(batch.lane, self.config["repositories.include"]):
                     self.subscriptions.subscribe(batch.lane)
@@ -351,7 +341,8 @@ class Daemon:
                       extra=fields(event="run_failed", error=result.error, kept=result.kept, **log_fields))
             self.status.failed(batch.lane, result.error)
             if batch.mode == PROVISION:
-                self.status.provisioning(batch.lane, "failed")
+                if not reapplied(batch):
+                    self.status.provisioning(batch.lane, "failed")
                 self.failures.after_failed_provision(batch, result.error, label, now)
             else:
                 self.failures.after_failure(batch, result.error, label, now)

@@ -71,6 +71,19 @@ def isolation_available() -> str:
     return PID_NAMESPACE if os.waitstatus_to_exitcode(status) == 0 else SUBREAPER
 
 
+def log_isolation(log):
+    """The daemon's start-up line on which isolation its runs get."""
+    from .logs import fields  # the guard itself never logs: keep its own start-up light
+    isolation = isolation_available()
+    if isolation == PID_NAMESPACE:
+        log.info("each run gets a PID namespace: no process of a run outlives the daemon",
+                 extra=fields(event="run_isolation", isolation=isolation))
+    else:
+        log.warning("no PID namespace for runs (needs CAP_SYS_ADMIN): a run's orphans are killed when it ends or "
+                    "the daemon dies, but not if its guard process is killed itself",
+                    extra=fields(event="run_isolation", isolation=isolation))
+
+
 def _spawn(argv, close=()) -> int:
     """fork + exec of the playbook; the PID."""
     pid = os.fork()

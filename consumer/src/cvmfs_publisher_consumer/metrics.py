@@ -64,6 +64,9 @@ class Metrics:
                            "is active for, as this host last saw it", ["host"], registry=r)
         self.given_up = Counter("cvmfs_publisher_positions_given_up", "Active positions this host gave up to "
                                 "another host to even out the spread", registry=r)
+        self.provisioning_drift = Counter("cvmfs_publisher_provisioning_drift", "Periodic re-applies of a "
+                                          "repository's provisioning that had to change something (repaired)",
+                                          ["repository"], registry=r)
         self._alive = 0.0
         self.is_connected = False
 

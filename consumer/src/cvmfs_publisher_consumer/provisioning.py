@@ -4,7 +4,11 @@ A request arrives on the provisioning queue (``queues.publisher``), where the ho
 gets it checks it and appends it, unchanged, to the registry stream (``queues.registry``). Every host reads the
 registry from its first entry on every connection, and an entry becomes a provisioning run here unless this host
 applied it already. A request that can never be read is dead-lettered; a failed run is retried here
-(failures.py). Used only from the daemon's I/O thread.
+(failures.py). Every ``provisioning.reapply_interval`` each request applied here runs again: provisioning is
+idempotent, so such a run changes nothing unless something changed behind the publisher's back (RGW 16.2 lets any
+user re-point or delete a topic, see docs/operator-guide.md "Rights"), which it repairs and reports as drift
+(``provisioning_drift`` in the log, ``cvmfs_publisher_provisioning_drift_total``). Used only from the daemon's I/O
+thread.
 """
 import logging
 
@@ -12,7 +16,7 @@ from . import amqp
 from .batching import PROVISION, Pending, Scheduler
 from .failures import Failures
 from .logs import fields
-from .messages import MessageError, parse_provision
+from .messages import MessageError, ProvisionRequest, parse_provision
 from .metrics import PUBLISHER, Metrics
 from .registry import Registry, RegistryRef
 from .repositories import included
@@ -36,6 +40,8 @@ class Provisioning:
         self.scheduler = scheduler
         self.metrics = metrics
         self.failures = failures
+        self.reapply_interval = config["provisioning.reapply_interval"]
+        self.next_reapply = None   # set on the first look: no re-apply right after start (the replay does it)
 
     def consume(self):
         """On every connection: consume the provisioning queue, and replay the registry from its first entry (what
@@ -92,3 +98,43 @@ class Provisioning:
         log.info("provisioning %s from the registry", request.repository,
                  extra=fields(event="registry_entry", repository=request.repository, offset=offset))
         self.scheduler.add(request.repository, Pending(ref=RegistryRef(offset), kind=PROVISION, request=request))
+
+    def reapply_due(self, now: float):
+        """Every ``provisioning.reapply_interval``: queue a run of each request applied here (registry.py keeps
+        them), unless that repository's provisioning is waiting or running already."""
+        if not self.reapply_interval:
+            return
+        if self.next_reapply is None:
+            self.next_reapply = now + self.reapply_interval
+        if now < self.next_reapply:
+            return
+        self.next_reapply = now + self.reapply_interval
+        requests = []
+        for stored in self.registry.to_reapply():
+            try:
+                requests.append(ProvisionRequest(**stored))
+            except TypeError:   # registry.json edited by hand: the next replay of the registry stores it again
+                log.warning("cannot re-apply a stored request: %s", sorted(stored),
+                            extra=fields(event="reapply_skipped"))
+        if requests:
+            log.info("applying the provisioning of %d repositories again", len(requests),
+                     extra=fields(event="reapply", repositories=len(requests)))
+        for request in requests:
+            self.registry.queued(request)
+            self.scheduler.add(request.repository, Pending(ref=RegistryRef(-1, reapply=True), kind=PROVISION,
+                                                           request=request))
+
+    def succeeded(self, batch, result):
+        """A provisioning run succeeded: remembered; a re-apply that had to change something is drift, repaired."""
+        self.registry.finished(batch.request, succeeded=True)
+        changed = sum((result.stats or {}).get("changed", {}).values())
+        if reapplied(batch) and changed:
+            self.metrics.provisioning_drift.labels(batch.lane).inc()
+            log.warning("provisioning of %s had drifted: its re-apply changed %d thing(s), now repaired (a topic, "
+                        "bucket notification, queue, key or repository was changed or removed since)", batch.lane,
+                        changed, extra=fields(event="provisioning_drift", repository=batch.lane, changed=changed))
+
+
+def reapplied(batch) -> bool:
+    """Whether ``batch`` is a periodic re-apply (not a request this host had not applied yet)."""
+    return any(isinstance(message.ref, RegistryRef) and message.ref.reapply for message in batch.messages)

@@ -12,7 +12,10 @@ install the keys from it. The stream keeps the request itself, is replicated lik
 broker node), and is read without being consumed.
 
 This module is the host's memory of what it applied (``registry.json`` in the state dir): a request already applied
-whose repository still exists here is not run again, so replaying the registry at start costs no run.
+whose repository still exists here is not run again, so replaying the registry at start costs no run. It keeps the
+requests themselves too: every ``provisioning.reapply_interval`` the daemon applies them again (provisioning.py),
+which repairs what was changed behind the publisher's back (a topic re-pointed or deleted by a user's keys, a
+bucket notification removed).
 """
 import hashlib
 import json
@@ -27,13 +30,19 @@ FILE_NAME = "registry.json"
 
 @dataclass(frozen=True)
 class RegistryRef:
-    """Stands where an AMQP delivery would: a registry entry is settled by this host alone (the stream keeps it)."""
+    """Stands where an AMQP delivery would: a registry entry is settled by this host alone (the stream keeps it).
+    ``reapply``: the periodic run of a request applied here already (no stream offset)."""
     offset: int
+    reapply: bool = False
 
 
 def digest(request) -> str:
     """The identity of a provisioning request (ProvisionRequest): repository, owner, group; not its form."""
-    fields = asdict(request)
+    return digest_of_fields(asdict(request))
+
+
+def digest_of_fields(fields: Dict) -> str:
+    fields = dict(fields)
     fields.pop("form", None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -42,16 +51,19 @@ class Registry:
     def __init__(self, state_dir: str, config_dir: str):
         self.path = os.path.join(state_dir, FILE_NAME)
         self.config_dir = config_dir          # repositories.d: a repository exists here iff its folder does
-        self.applied: Dict[str, str] = self._read()
+        data = self._read()
+        self.applied: Dict[str, str] = {str(k): str(v) for k, v in data.get("applied", {}).items()}
+        self.requests: Dict[str, Dict] = {str(k): v for k, v in data.get("requests", {}).items()
+                                          if isinstance(v, dict)}  # fqrn -> the applied request's fields
         self.pending: Dict[str, str] = {}     # fqrn -> digest of the request waiting or running here
 
-    def _read(self) -> Dict[str, str]:
+    def _read(self) -> Dict:
         try:
             with open(self.path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except (OSError, ValueError):
             return {}
-        return {str(k): str(v) for k, v in data.get("applied", {}).items()} if isinstance(data, dict) else {}
+        return data if isinstance(data, dict) else {}
 
     def exists_here(self, fqrn: str) -> bool:
         return os.path.isdir(os.path.join(self.config_dir, fqrn))
@@ -72,7 +84,15 @@ class Registry:
         self.pending.pop(request.repository, None)
         if succeeded:
             self.applied[request.repository] = digest(request)
+            self.requests[request.repository] = asdict(request)
             self._save()
+
+    def to_reapply(self) -> List[Dict]:
+        """The fields of each request applied here whose repository still exists here and that is not waiting
+        or running already (applied before this memory kept requests: none, until the registry is replayed)."""
+        return [self.requests[fqrn] for fqrn in sorted(self.applied)
+                if fqrn in self.requests and fqrn not in self.pending and self.exists_here(fqrn)
+                and digest_of_fields(self.requests[fqrn]) == self.applied[fqrn]]
 
     def drop_waiting(self, messages) -> List:
         """Forget the registry entries among ``messages`` (Pending, waiting or interrupted): the next replay queues
@@ -86,4 +106,5 @@ class Registry:
         return kept
 
     def _save(self):
-        write_text_atomic(self.path, json.dumps({"applied": self.applied}, indent=1, sort_keys=True))
+        write_text_atomic(self.path, json.dumps({"applied": self.applied, "requests": self.requests}, indent=1,
+                                                sort_keys=True))
