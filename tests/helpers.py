@@ -209,3 +209,17 @@ def run_modules(calls, *, check=False):
             raise AssertionError("the modules did not run:\n%s%s" % (proc.stdout[-3000:], proc.stderr[-3000:]))
         with open(result_file) as handle:
             return json.load(handle)
+
+
+def ceph_env(stack):
+    """The environment for Ceph's own tools (radosgw-admin, rados) on the stack."""
+    return dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf"))
+
+
+def radosgw_admin(stack, *args):
+    """radosgw-admin on the stack; its JSON answer (None when it printed nothing). The output can hold keys: a
+    failure shows the command and exit code only."""
+    result = subprocess.run(["radosgw-admin"] + list(args), capture_output=True, text=True, timeout=120,
+                            env=ceph_env(stack))
+    assert result.returncode == 0, "radosgw-admin %s: exit %d" % (args[:2], result.returncode)
+    return json.loads(result.stdout) if result.stdout.strip() else None

@@ -90,16 +90,20 @@ def share(local_tmp=None):
     return lasting
 
 
+def _names(folder):
+    """The sorted names in ``folder``; none when it cannot be read."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
 def prune(folder, keep, now=None, after=PRUNE_AFTER):
     """Remove the lasting payload folders in ``folder`` other than ``keep`` that nobody used for ``after`` seconds;
     returns their names. Best effort: a folder that cannot be removed stays."""
     now = time.time() if now is None else now
     removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in sorted(names):
+    for name in _names(folder):
         path = os.path.join(folder, name)
         if not name.startswith(_PREFIX) or path == keep:
             continue
@@ -138,11 +142,7 @@ def add_bytecode(lasting):
     """Give each payload ansible-core cached in ``lasting`` the bytecode of its files, once; returns the names of
     the payloads changed now. Best effort: a payload it cannot read or write stays as ansible-core built it."""
     changed = []
-    try:
-        names = os.listdir(lasting)
-    except OSError:
-        return changed
-    for name in sorted(names):
+    for name in _names(lasting):
         path = os.path.join(lasting, name)
         if name.endswith((".lock", "-part", ".tmp", _WITH_BYTECODE)) or os.path.exists(path + _WITH_BYTECODE):
             continue

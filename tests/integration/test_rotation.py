@@ -6,14 +6,13 @@ its file on their next run (nothing caches it), and once the old one is revoked 
 The stack's own secrets are never touched: every secret rotated here is one the test issued itself.
 """
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import hvac
 import pytest
 
-from helpers import run_module
+from helpers import ceph_env, radosgw_admin, run_module
 
 ROLE = "auth/approle/role/cvmfs-publisher"
 VAULT_MODULE = "infn_cloud.cvmfs_publisher.vault_repository_keys"
@@ -62,25 +61,14 @@ def test_vault_secret_id_rotates_without_downtime(stack, repo_root, unique_name,
 
 # -- the publisher's S3 keys ------------------------------------------------------------------------------------------
 
-def _ceph_env(stack):
-    return dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf"))
-
-
-def _radosgw_admin(stack, *args):
-    result = subprocess.run(["radosgw-admin"] + list(args), capture_output=True, text=True, timeout=120,
-                            env=_ceph_env(stack))
-    assert result.returncode == 0, "radosgw-admin %s: exit %d" % (args[:2], result.returncode)  # output has keys
-    return json.loads(result.stdout) if result.stdout.strip() else None
-
-
 @pytest.fixture
 def second_key(stack):
     """A key pair added to the publisher's own RGW user (its first pair, the stack's, stays); removed at the end."""
     made = []
 
     def add():
-        before = {k["access_key"] for k in _radosgw_admin(stack, "user", "info", "--uid", PUBLISHER_UID)["keys"]}
-        info = _radosgw_admin(stack, "key", "create", "--uid", PUBLISHER_UID, "--key-type", "s3",
+        before = {k["access_key"] for k in radosgw_admin(stack, "user", "info", "--uid", PUBLISHER_UID)["keys"]}
+        info = radosgw_admin(stack, "key", "create", "--uid", PUBLISHER_UID, "--key-type", "s3",
                               "--gen-access-key", "--gen-secret")
         (key,) = [k for k in info["keys"] if k["access_key"] not in before]
         made.append(key["access_key"])
@@ -89,7 +77,7 @@ def second_key(stack):
     yield add
     for access_key in made:
         subprocess.run(["radosgw-admin", "key", "rm", "--uid", PUBLISHER_UID, "--key-type", "s3", "--access-key",
-                        access_key], capture_output=True, timeout=120, env=_ceph_env(stack))
+                        access_key], capture_output=True, timeout=120, env=ceph_env(stack))
 
 
 def test_publisher_s3_keys_rotate_without_downtime(stack, unique_name, tmp_path, second_key):
@@ -108,7 +96,7 @@ def test_publisher_s3_keys_rotate_without_downtime(stack, unique_name, tmp_path,
     assert rc == 0 and not result["changed"], "the old pair still works during the overlap: %s" % result
     _write(access_file, new["access_key"])
     _write(secret_file, new["secret_key"])
-    _radosgw_admin(stack, "key", "rm", "--uid", PUBLISHER_UID, "--key-type", "s3", "--access-key",
+    radosgw_admin(stack, "key", "rm", "--uid", PUBLISHER_UID, "--key-type", "s3", "--access-key",
                    old["access_key"])
     rc, result = run_module(TOPIC_MODULE, dict(args, state="absent"))
     assert rc == 0 and result["changed"], "the next run reads the new pair from the files: %s" % result

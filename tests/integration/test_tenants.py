@@ -10,7 +10,6 @@ reaches the publisher's bucket (as ``:<bucket>``) but their uploads raise no eve
 from the publisher's topics but not from the persistent queues behind them (docs/operator-guide.md, "Rights").
 """
 import json
-import os
 import secrets
 import string
 import subprocess
@@ -26,7 +25,7 @@ import pika
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers import REPO_ROOT, amqp_parameters, aws_kwargs, consumer_e2e, run_module
+from helpers import REPO_ROOT, amqp_parameters, aws_kwargs, ceph_env, consumer_e2e, radosgw_admin, run_module
 
 sys.path.insert(0, str(REPO_ROOT / "devstack"))
 import rights  # noqa: E402  (the stack's own rights: one place for the policies)
@@ -63,16 +62,6 @@ def buckets(stack, s3, unique_name):
     return names
 
 
-def _ceph_env(stack):
-    return dict(os.environ, CEPH_CONF=str(Path(stack["DEVSTACK_DIR"]) / "ceph" / "ceph.conf"))
-
-
-def _radosgw_admin(stack, *args):
-    result = subprocess.run(["radosgw-admin"] + list(args), capture_output=True, text=True, timeout=120,
-                            env=_ceph_env(stack))
-    assert result.returncode == 0, "radosgw-admin %s: exit %d" % (args[:2], result.returncode)  # output has keys
-
-
 def sns_error(call):
     """(HTTP status, RGW's error code) of a refused SNS call. RGW 16.2 answers SNS calls with S3-style errors,
     which botocore's query parser leaves at the top of the response instead of under "Error"."""
@@ -90,13 +79,13 @@ def other_tenant(stack, unique_name):
     name = "u" + unique_name
     access_key = "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(20))
     secret_key = secrets.token_urlsafe(30)
-    _radosgw_admin(stack, "user", "create", "--tenant", name, "--uid", name, "--display-name", "tenant " + name,
+    radosgw_admin(stack, "user", "create", "--tenant", name, "--uid", name, "--display-name", "tenant " + name,
                    "--access-key", access_key, "--secret-key", secret_key)
     kwargs = dict(aws_kwargs(stack), aws_access_key_id=access_key, aws_secret_access_key=secret_key)
     s3 = boto3.client("s3", **kwargs)
     s3.meta.events.unregister("before-parameter-build.s3", botocore.handlers.validate_bucket_name)
     yield SimpleNamespace(name=name, s3=s3, sns=boto3.client("sns", **kwargs))
-    _radosgw_admin(stack, "user", "rm", "--tenant", name, "--uid", name)
+    radosgw_admin(stack, "user", "rm", "--tenant", name, "--uid", name)
 
 
 def _wire(bucket, persistent=False):
@@ -333,7 +322,7 @@ def _notif_queue_exists(stack, topic):
     """Whether RGW's persistent queue for ``topic`` exists: the RADOS object of that name in the zone's log pool,
     namespace "notif" (the local stack's zone: default.rgw.log)."""
     result = subprocess.run(["rados", "-p", "default.rgw.log", "-N", "notif", "stat", topic], capture_output=True,
-                            text=True, timeout=60, env=_ceph_env(stack))
+                            text=True, timeout=60, env=ceph_env(stack))
     assert result.returncode == 0 or "(2) No such file or directory" in result.stderr, result.stderr
     return result.returncode == 0
 
