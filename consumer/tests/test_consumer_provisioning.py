@@ -135,3 +135,31 @@ def test_no_reapply_when_the_interval_is_zero_or_the_repository_is_gone(daemon):
     daemon.provisioning.reapply_due(daemon.clock())
     daemon._start_ready()
     assert len(daemon.runner.runs) == 1
+
+
+def test_requests_applied_by_an_older_daemon_are_kept_when_the_registry_is_replayed(daemon):
+    """registry.json of a daemon that kept no requests: the replay on connect keeps them (no run), so they are
+    re-applied from then on."""
+    state = Path(daemon.config["state_dir"]) / "registry.json"
+    daemon.broker.deliver("publisher", b"carol,sub-c,carol.infn.it,P")
+    daemon._start_ready()
+    settle(daemon)
+    (Path(daemon.config["repositories.config_dir"]) / "carol.infn.it").mkdir()
+    state.write_text(json.dumps({"applied": json.loads(state.read_text())["applied"]}))   # as an older daemon wrote it
+    from cvmfs_publisher_consumer.registry import Registry
+    daemon.registry = daemon.provisioning.registry = Registry(daemon.config["state_dir"],
+                                                              daemon.config["repositories.config_dir"])
+    daemon.broker.callbacks.clear()
+    daemon._connect()
+    daemon._start_ready()
+    assert len(daemon.runner.runs) == 1, "applied and present: nothing runs"
+    assert json.loads(state.read_text())["requests"]["carol.infn.it"]["subject"] == "sub-c"
+    daemon.scheduler.full_interval = 0
+    daemon.clock_value[0] += 3600
+    daemon.provisioning.reapply_due(daemon.clock())
+    daemon.clock_value[0] += 3600
+    daemon.provisioning.reapply_due(daemon.clock())
+    daemon._start_ready()
+    settle(daemon)
+    assert daemon.runner.runs[-1] == ("provision_playbook", {"cvmfs_repository": "carol.infn.it",
+                                                             "cvmfs_subject": "sub-c"})

@@ -91,7 +91,10 @@ class Provisioning:
         except MessageError as exc:  # checked before it was added: another domain, or added by hand
             log.warning("skipping registry entry: %s", exc, extra=fields(event="registry_entry_skipped"))
             return
-        if not included(request.repository, self.include) or not self.registry.wanted(request):
+        if not included(request.repository, self.include):
+            return
+        if not self.registry.wanted(request):
+            self.registry.remember(request)   # applied by an older daemon that kept no requests: re-applied from now
             return
         self.registry.queued(request)
         offset = amqp.header(delivery.properties, "x-stream-offset", 0)

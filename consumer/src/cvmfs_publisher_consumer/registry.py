@@ -87,6 +87,13 @@ class Registry:
             self.requests[request.repository] = asdict(request)
             self._save()
 
+    def remember(self, request):
+        """Keep ``request`` for re-applying if it is the one applied here and not kept yet (written only then)."""
+        if self.applied.get(request.repository) == digest(request) and \
+                self.requests.get(request.repository) != asdict(request):
+            self.requests[request.repository] = asdict(request)
+            self._save()
+
     def to_reapply(self) -> List[Dict]:
         """The fields of each request applied here whose repository still exists here and that is not waiting
         or running already (applied before this memory kept requests: none, until the registry is replayed)."""
