@@ -141,6 +141,8 @@ def test_daemon_and_module_agree_on_every_key_and_accepted_keys_stay_inside(key)
         COUNTS["keys refused"] += 1
         return
     assert path == daemon_path
+    for tarballs in (True, False):   # the reconcile's shortcut for unchanged keys (plan) gives them the same kind
+        assert sp.kind_of(key, PREFIX, tarballs) == sp.classify(key, PREFIX, tarballs)[0], (key, tarballs)
     landed = posixpath.normpath(posixpath.join("/cvmfs/repo.example.org", path))
     assert landed.startswith("/cvmfs/repo.example.org/"), (key, landed)
     assert path.split("/")[0] != ".cvmfs" and not any(s.startswith(".wh.") for s in path.split("/"))

@@ -210,3 +210,18 @@ def test_state_round_trip():
 def test_untrusted_state_is_rejected_with_a_reason(text, reason):
     state, why = sp.load_state(text, IDENTITY)
     assert state is None and reason in why
+
+
+def test_unchanged_keys_are_not_judged_again_but_a_changed_kind_still_is(monkeypatch):
+    """A no-change reconcile does not judge 100,000 keys again: an unchanged object of the same kind is counted
+    unchanged without classify(); one whose kind would change (tarball option switched) goes through it."""
+    old = {"cvmfs/a": (MD5, 4, "file"), "cvmfs/t.tgz": (MD5, 4, "file")}
+    judged = []
+    real = sp.classify
+    monkeypatch.setattr(sp, "classify", lambda key, prefix, tarballs: judged.append(key) or real(key, prefix,
+                                                                                                   tarballs))
+    plan = sp.plan(old, [obs("cvmfs/a"), obs("cvmfs/t.tgz")], PREFIX, tarballs=False, complete=True)
+    assert plan.unchanged == 2 and not plan.changes and judged == []
+    plan = sp.plan(old, [obs("cvmfs/a"), obs("cvmfs/t.tgz")], PREFIX, tarballs=True, complete=True)
+    assert judged == ["cvmfs/t.tgz"] and plan.unchanged == 1
+    assert [c.op for c in plan.changes] == ["delete", "add"]
