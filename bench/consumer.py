@@ -38,7 +38,7 @@ def _load(name, path):
 
 
 bench_sync = _load("bench_sync", REPO_ROOT / "bench" / "sync.py")          # stack and S3 helpers
-e2e = _load("consumer_e2e", REPO_ROOT / "tests" / "integration" / "test_consumer_e2e.py")  # the daemon harness
+e2e = _load("daemon_harness", REPO_ROOT / "tests" / "daemon_harness.py")  # the daemon harness
 from helpers import run_playbook  # noqa: E402
 
 

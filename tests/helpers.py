@@ -179,15 +179,10 @@ def run_module(module_fqcn, args, *, check=False, diff=False, verbosity=0):
                                      % (proc.stdout[-3000:], proc.stderr[-3000:])}
 
 
-@functools.lru_cache(maxsize=None)
 def consumer_e2e():
-    """The daemon harness and stack helpers of tests/integration/test_consumer_e2e.py, for other test files and
-    the benchmarks (pytest imports test files by path, so they are not importable modules)."""
-    path = REPO_ROOT / "tests" / "integration" / "test_consumer_e2e.py"
-    spec = importlib.util.spec_from_file_location("consumer_e2e_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The daemon harness (tests/daemon_harness.py: the stack's broker and buckets, DaemonProcess), for the tests
+    and benchmarks that run the real daemon."""
+    return importlib.import_module("daemon_harness")
 
 
 def run_modules(calls, *, check=False):
