@@ -117,7 +117,7 @@ def prune(folder, keep, now=None, after=PRUNE_AFTER):
     return removed
 
 
-_WITH_BYTECODE = ".bytecode"  # beside a payload file: its payload has the bytecode
+_WITH_BYTECODE = ".bytecode"  # beside a payload file: bytecode added to it (or tried and given up: not again)
 _UNCHECKED_HASH = (0b01).to_bytes(4, "little")  # PEP 552 flags: hash-based, not checked against the source
 
 
@@ -138,9 +138,28 @@ def with_bytecode(zip_bytes):
     return out.getvalue()
 
 
+def _rewrite_with_bytecode(path):
+    """Replace the cached payload at ``path`` by the same payload with bytecode; False when it cannot (another
+    ansible-core layout, a source this Python cannot compile, no room): then the payload stays as it was."""
+    part = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(path, "rb") as handle:
+            cached = pickle.load(handle)
+        zip_data = base64.b64encode(with_bytecode(base64.b64decode(cached.zip_data)))
+        with open(part, "wb") as handle:
+            pickle.dump(dataclasses.replace(cached, zip_data=zip_data), handle)
+        os.replace(part, path)  # readers meet the old payload or the new one, never half of one
+        return True
+    except Exception:  # pylint: disable=broad-exception-caught  # best effort, see the docstring
+        if os.path.exists(part):
+            os.unlink(part)
+        return False
+
+
 def add_bytecode(lasting):
     """Give each payload ansible-core cached in ``lasting`` the bytecode of its files, once; returns the names of
-    the payloads changed now. Best effort: a payload it cannot read or write stays as ansible-core built it."""
+    the payloads changed now. Best effort: a payload it cannot read or write stays as ansible-core built it, and is
+    not tried again."""
     changed = []
     for name in _names(lasting):
         path = os.path.join(lasting, name)
@@ -152,16 +171,10 @@ def add_bytecode(lasting):
                 fcntl.lockf(lock, fcntl.LOCK_EX)
                 if os.path.exists(path + _WITH_BYTECODE):
                     continue
-                with open(path, "rb") as handle:
-                    cached = pickle.load(handle)
-                zip_data = base64.b64encode(with_bytecode(base64.b64decode(cached.zip_data)))
-                part = "%s.%d.tmp" % (path, os.getpid())
-                with open(part, "wb") as handle:
-                    pickle.dump(dataclasses.replace(cached, zip_data=zip_data), handle)
-                os.replace(part, path)  # readers meet the old payload or the new one, never half of one
-                open(path + _WITH_BYTECODE, "w").close()
-                changed.append(name)
-        except Exception:  # pylint: disable=broad-exception-caught  # another ansible-core layout: leave it be
+                if _rewrite_with_bytecode(path):
+                    changed.append(name)
+                open(path + _WITH_BYTECODE, "w").close()  # done, or given up: not again after every task
+        except OSError:  # an unwritable folder
             continue
     return changed
 

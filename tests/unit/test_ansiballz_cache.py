@@ -151,10 +151,16 @@ def test_bytecode_of_another_python_gives_way_to_the_source(tmp_path):
     assert _imports(runnable) == "from source"
 
 
-def test_a_payload_it_cannot_read_is_left_as_it_is(tmp_path):
+def test_a_payload_it_cannot_read_is_left_as_it_is_and_not_tried_again(tmp_path, monkeypatch):
     lasting = tmp_path / "lasting"
     lasting.mkdir()
     (lasting / "odd-ZIP_DEFLATED-none").write_bytes(b"not a pickle")
     assert cache.add_bytecode(str(lasting)) == []
     assert (lasting / "odd-ZIP_DEFLATED-none").read_bytes() == b"not a pickle"
+    assert sorted(os.listdir(lasting)) == ["odd-ZIP_DEFLATED-none", "odd-ZIP_DEFLATED-none.bytecode",
+                                           "odd-ZIP_DEFLATED-none.lock"], "given up once, no part file left"
+    tried = []
+    real_load = pickle.load
+    monkeypatch.setattr(pickle, "load", lambda handle: tried.append(handle) or real_load(handle))
+    assert cache.add_bytecode(str(lasting)) == [] and tried == [], "not tried again after every task"
     assert cache.add_bytecode(str(tmp_path / "missing")) == []
