@@ -163,3 +163,24 @@ def test_requests_applied_by_an_older_daemon_are_kept_when_the_registry_is_repla
     settle(daemon)
     assert daemon.runner.runs[-1] == ("provision_playbook", {"cvmfs_repository": "carol.infn.it",
                                                              "cvmfs_subject": "sub-c"})
+
+
+def test_a_kept_request_is_not_written_again_for_the_same_request_in_another_form(tmp_path):
+    """The registry stream can hold one request as CSV and as JSON: the same request, kept once (a replay on every
+    connection must not rewrite registry.json for it)."""
+    from dataclasses import replace
+
+    from cvmfs_publisher_consumer.messages import ProvisionRequest
+    from cvmfs_publisher_consumer.registry import Registry
+    registry = Registry(str(tmp_path), str(tmp_path / "repositories.d"))
+    csv = ProvisionRequest(repository="carol.infn.it", subject="sub-c", owner="carol", form="csv")
+    registry.finished(csv, succeeded=True)
+    state = tmp_path / "registry.json"
+    written = state.stat().st_ino   # registry.json is replaced (a new file) on every write
+    registry.remember(replace(csv, form="json"))
+    assert state.stat().st_ino == written and registry.requests["carol.infn.it"]["form"] == "csv"
+    registry.remember(replace(csv, subject="sub-other"))   # not the request applied here: not kept
+    assert registry.requests["carol.infn.it"]["subject"] == "sub-c"
+    del registry.requests["carol.infn.it"]
+    registry.remember(replace(csv, form="json"))   # applied by an older daemon that kept none: kept now
+    assert registry.requests["carol.infn.it"]["form"] == "json" and state.stat().st_ino != written

@@ -96,11 +96,15 @@ class Provisioning:
         if not self.registry.wanted(request):
             self.registry.remember(request)   # applied by an older daemon that kept no requests: re-applied from now
             return
-        self.registry.queued(request)
         offset = amqp.header(delivery.properties, "x-stream-offset", 0)
         log.info("provisioning %s from the registry", request.repository,
                  extra=fields(event="registry_entry", repository=request.repository, offset=offset))
-        self.scheduler.add(request.repository, Pending(ref=RegistryRef(offset), kind=PROVISION, request=request))
+        self._schedule(request, RegistryRef(offset))
+
+    def _schedule(self, request, ref: RegistryRef):
+        """A provisioning run of ``request`` (noted as waiting, so a replay meanwhile does not queue it twice)."""
+        self.registry.queued(request)
+        self.scheduler.add(request.repository, Pending(ref=ref, kind=PROVISION, request=request))
 
     def reapply_due(self, now: float):
         """Every ``provisioning.reapply_interval``: queue a run of each request applied here (registry.py keeps
@@ -123,9 +127,7 @@ class Provisioning:
             log.info("applying the provisioning of %d repositories again", len(requests),
                      extra=fields(event="reapply", repositories=len(requests)))
         for request in requests:
-            self.registry.queued(request)
-            self.scheduler.add(request.repository, Pending(ref=RegistryRef(-1, reapply=True), kind=PROVISION,
-                                                           request=request))
+            self._schedule(request, RegistryRef(-1, reapply=True))
 
     def succeeded(self, batch, result):
         """A provisioning run succeeded: remembered; a re-apply that had to change something is drift, repaired."""

@@ -88,9 +88,11 @@ class Registry:
             self._save()
 
     def remember(self, request):
-        """Keep ``request`` for re-applying if it is the one applied here and not kept yet (written only then)."""
-        if self.applied.get(request.repository) == digest(request) and \
-                self.requests.get(request.repository) != asdict(request):
+        """Keep ``request`` for re-applying if it is the one applied here and not kept yet (written only then: the
+        same request in another form, CSV or JSON, is the same request)."""
+        key = digest(request)
+        kept = self.requests.get(request.repository)
+        if self.applied.get(request.repository) == key and (kept is None or digest_of_fields(kept) != key):
             self.requests[request.repository] = asdict(request)
             self._save()
 
