@@ -152,21 +152,23 @@ def rclone_env(env):
     return out
 
 
-def rclone(env, command, bucket, dest, concurrency, *flags):
+def _timed_rclone(env, *args):
+    """Seconds one ``rclone`` command takes against the stack."""
     start = time.monotonic()
-    subprocess.run(["rclone", command, "bench:%s/%s" % (bucket, PREFIX), dest, "--transfers", str(concurrency),
-                    "--checkers", str(concurrency), *flags], env=rclone_env(env), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(["rclone", *args], env=rclone_env(env), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
     return time.monotonic() - start
+
+
+def rclone(env, command, bucket, dest, concurrency, *flags):
+    return _timed_rclone(env, command, "bench:%s/%s" % (bucket, PREFIX), dest, "--transfers", str(concurrency),
+                         "--checkers", str(concurrency), *flags)
 
 
 def rclone_listing(env, bucket, concurrency, *flags):
     """Seconds for rclone to list every object under the prefix (nothing compared, nothing copied)."""
-    start = time.monotonic()
-    subprocess.run(["rclone", "lsf", "-R", "--files-only", "bench:%s/%s" % (bucket, PREFIX), "--checkers",
-                    str(concurrency), *flags], env=rclone_env(env), check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    return time.monotonic() - start
+    return _timed_rclone(env, "lsf", "-R", "--files-only", "bench:%s/%s" % (bucket, PREFIX), "--checkers",
+                         str(concurrency), *flags)
 
 
 def aws_cli():
@@ -222,6 +224,7 @@ def no_change(env, repo, workdir, concurrency, figures):
     (``--size-only --fast-list``: one listing, no per-object check, what our state file gives us too)."""
     mirror = tempfile.mkdtemp(dir=workdir)
     rclone(env, "copy", repo.short, mirror, concurrency)
+    wait_for_quiet()  # the full copies just before leave the load at 5 to 9: not on whoever runs first
     ours, result, _ = repo.sync(concurrency)
     assert not result["changed"], result
     default = rclone(env, "sync", repo.short, mirror, concurrency)
