@@ -23,6 +23,7 @@ description:
     Exchanges and the dead-letter queue are shared and are never deleted.
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.rabbitmq
+  - infn_cloud.cvmfs_publisher.batch
 attributes:
   check_mode:
     support: full
@@ -206,7 +207,7 @@ ARGUMENT_SPEC = dict(
 
 
 def run(module):
-    api = ManagementApi(module.params)
+    api = module.client(ManagementApi)
     if module.params["state"] == "absent":
         result = ensure_queue_absent(api, module.params, module.check_mode)
     else:
@@ -217,6 +218,7 @@ def run(module):
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
+        batch=True,
         option_sets=(RABBITMQ_ARGUMENT_SPEC,),
         mutually_exclusive=RABBITMQ_MUTUALLY_EXCLUSIVE,
         required_by={"dead_letter_queue": "dead_letter_exchange", "dead_letter_strategy": "dead_letter_exchange"},

@@ -32,6 +32,7 @@ author:
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.cvmfs
   - infn_cloud.cvmfs_publisher.cvmfs.keys
+  - infn_cloud.cvmfs_publisher.batch
 attributes:
   check_mode:
     support: full
@@ -177,6 +178,7 @@ ARGUMENT_SPEC = dict(
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
+        batch=True,
         option_sets=(cvmfs.CVMFS_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         required_if=[["state", "present", ["stratum0_url", "gateway_url"]]],
     )

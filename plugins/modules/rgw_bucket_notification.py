@@ -26,6 +26,7 @@ description:
     remove and the module reports no change (RV(bucket_exists=false)).
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.rgw
+  - infn_cloud.cvmfs_publisher.batch
 attributes:
   check_mode:
     support: full
@@ -181,12 +182,13 @@ ARGUMENT_SPEC = dict(
 def run(module):
     if module.params["state"] == "present" and not module.params["events"]:
         raise PublisherError("events must list at least one S3 event type (for example s3:ObjectCreated:*)")
-    return ensure_bucket_notification(Connection(module.params), module.params, module.check_mode)
+    return ensure_bucket_notification(module.client(Connection), module.params, module.check_mode)
 
 
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
+        batch=True,
         option_sets=(RGW_ARGUMENT_SPEC,),
         mutually_exclusive=RGW_MUTUALLY_EXCLUSIVE,
         required_if=[("state", "present", ["topic_arn"])],

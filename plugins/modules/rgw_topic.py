@@ -25,6 +25,7 @@ description:
     is never shown in results or diffs.
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.rgw
+  - infn_cloud.cvmfs_publisher.batch
 attributes:
   check_mode:
     support: full
@@ -212,20 +213,21 @@ ARGUMENT_SPEC = dict(
 
 
 def run(module):
-    return ensure_topic(Connection(module.params), module.params, module.check_mode)
+    # The push endpoint may carry a broker password: keep it out of every log and of module invocation echoes.
+    password = url_password(module.params.get("push_endpoint"))
+    if password:
+        module.no_log_values.add(password)
+    return ensure_topic(module.client(Connection), module.params, module.check_mode)
 
 
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
+        batch=True,
         option_sets=(RGW_ARGUMENT_SPEC,),
         mutually_exclusive=RGW_MUTUALLY_EXCLUSIVE,
         required_if=[("state", "present", ["push_endpoint"])],
     )
-    # The push endpoint may carry a broker password: keep it out of every log and of module invocation echoes.
-    password = url_password(module.params.get("push_endpoint"))
-    if password:
-        module.no_log_values.add(password)
     module.run(run)
 
 

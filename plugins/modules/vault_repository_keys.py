@@ -32,6 +32,7 @@ requirements:
 extends_documentation_fragment:
   - infn_cloud.cvmfs_publisher.vault
   - infn_cloud.cvmfs_publisher.cvmfs.keys
+  - infn_cloud.cvmfs_publisher.batch
 attributes:
   check_mode:
     support: full
@@ -173,6 +174,7 @@ ARGUMENT_SPEC = dict(
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
+        batch=True,
         option_sets=(vault.VAULT_ARGSPEC, keys.KEYS_DIR_ARGSPEC),
         mutually_exclusive=vault.VAULT_MUTUALLY_EXCLUSIVE + [["subject", "group"]],
         required_if=[["state", "present", ["subject", "group"], True]],

@@ -152,36 +152,78 @@ def test_provision_without_keys_in_vault_fails_clearly(stack, unique_name):
 RECAPS = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, repo_root, unique_name, s3):
-    """playbooks/converge_repositories.yml: a personal and a group repository in one run, each on its own
-    inventory entry; the second run changes nothing on any of them."""
-    personal, group = unique_name + "p", unique_name + "g"
+def _seed_fleet(repo_root, stack, s3, personal, group):
     seed_keys(repo_root, stack, personal + ".infn.it", "sub-" + personal)
     subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", group + ".infn.it", "--group",
                     "grp-" + group], check=True, capture_output=True, text=True, env=_stack_env(stack))
     for short in (personal, group):
         s3.create_bucket(Bucket=short)
-    fleet = {"cvmfs_repositories": [{"repository": personal + ".infn.it", "subject": "sub-" + personal},
-                                    {"repository": group + ".infn.it", "group": "grp-" + group}]}
+    return [{"repository": personal + ".infn.it", "subject": "sub-" + personal},
+            {"repository": group + ".infn.it", "group": "grp-" + group}]
+
+
+def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, repo_root, unique_name, s3):
+    """playbooks/converge_repositories.yml: a personal and a group repository in one run, each step one module run
+    for both (`batch`); the second run changes nothing, and neither does --check."""
+    personal, group = unique_name + "p", unique_name + "g"
+    fleet = {"cvmfs_repositories": _seed_fleet(repo_root, stack, s3, personal, group)}
 
     first = run_playbook("converge_repositories.yml", fleet)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     hosts = {host: int(changed) for host, _ok, changed, _u, failed in RECAPS.findall(first.stdout)}
-    assert hosts.keys() == {"localhost", "localhost/%s.infn.it" % personal, "localhost/%s.infn.it" % group}
-    assert hosts["localhost/%s.infn.it" % personal] >= 5 and hosts["localhost/%s.infn.it" % group] >= 5
+    assert hosts.keys() == {"localhost"} and hosts["localhost"] >= 5, first.stdout[-4000:]
     root = Path(stack["CVMFS_STANDIN_ROOT"])
     for short in (personal, group):
         assert (root / "etc/cvmfs/repositories.d" / (short + ".infn.it") / "server.conf").is_file()
         assert rabbit_queue(stack, short), "the queue of %s was not declared" % short
+        notification = s3.get_bucket_notification_configuration(Bucket=short)
+        assert [t["Id"] for t in notification.get("TopicConfigurations", [])] == ["cvmfs-publisher"], notification
 
-    second = run_playbook("converge_repositories.yml", fleet)
-    assert second.returncode == 0, second.stdout[-4000:]
-    recaps = RECAPS.findall(second.stdout)
-    assert len(recaps) == 3 and all(changed == "0" and failed == "0" for _h, _o, changed, _u, failed in recaps), \
-        second.stdout[-4000:]
+    for check in (False, True):
+        again = run_playbook("converge_repositories.yml", fleet, check=check, diff=check)
+        assert again.returncode == 0, again.stdout[-4000:]
+        recaps = RECAPS.findall(again.stdout)
+        assert len(recaps) == 1 and all(changed == "0" and failed == "0" for _h, _o, changed, _u, failed in recaps), \
+            again.stdout[-4000:]
+
+
+def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, repo_root, unique_name, s3):
+    """One repository without keys in Vault and one with a name no module accepts: the good one is provisioned all
+    the way, the run fails naming both, each with its own reason."""
+    good = unique_name + "ok"
+    seed_keys(repo_root, stack, good + ".infn.it", "sub-" + good)
+    s3.create_bucket(Bucket=good)
+    fleet = {"cvmfs_repositories": [{"repository": unique_name + "nokeys.infn.it", "subject": "sub-nobody"},
+                                    {"repository": good + ".infn.it", "subject": "sub-" + good},
+                                    {"repository": "bad name!.infn.it", "group": "grp-x"}]}
+    proc = run_playbook("converge_repositories.yml", fleet)
+    assert proc.returncode != 0
+    nokeys = unique_name + "nokeys.infn.it"
+    assert "Install the keys from Vault: 2 of 3 failed: %s: no keys for %s" % (nokeys, nokeys) in proc.stdout, \
+        proc.stdout[-4000:]
+    assert "bad name!.infn.it: invalid repository name" in proc.stdout, proc.stdout[-4000:]
+    root = Path(stack["CVMFS_STANDIN_ROOT"])
+    assert (root / "etc/cvmfs/repositories.d" / (good + ".infn.it") / "server.conf").is_file()
+    assert rabbit_queue(stack, good)
+    notification = s3.get_bucket_notification_configuration(Bucket=good)
+    assert [t["Id"] for t in notification.get("TopicConfigurations", [])] == ["cvmfs-publisher"], notification
+
+
+def test_converge_repositories_reads_the_daemons_registry_by_default(stack, repo_root, unique_name, s3, tmp_path):
+    """Without a list, the repositories the daemon applied on the host (registry.json's requests)."""
+    personal, group = unique_name + "p", unique_name + "g"
+    fleet = _seed_fleet(repo_root, stack, s3, personal, group)
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"applied": {}, "requests": dict(
+        (entry["repository"], dict(entry, owner="someone", form="json")) for entry in fleet)}))
+    proc = run_playbook("converge_repositories.yml", {"cvmfs_publisher_registry_file": str(registry)})
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    root = Path(stack["CVMFS_STANDIN_ROOT"])
+    for short in (personal, group):
+        assert (root / "etc/cvmfs/repositories.d" / (short + ".infn.it") / "server.conf").is_file()
 
 
 def test_converge_repositories_names_a_bad_list(stack):
     proc = run_playbook("converge_repositories.yml", {"cvmfs_repositories": [{"subject": "x"}]})
     assert proc.returncode != 0
-    assert "set cvmfs_repositories to a list of {repository: <fqrn>" in proc.stdout, proc.stdout[-3000:]
+    assert "repository request 1 has no repository name: {'subject': 'x'}" in proc.stdout, proc.stdout[-3000:]
