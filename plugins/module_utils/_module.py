@@ -195,8 +195,9 @@ class PublisherModule(AnsibleModule):
                 self.params = task_params
             result = dict(failure, failed=True, changed=False) if failure else result
             diff = result.pop("diff", None)
-            if diff and self._diff:
-                diffs.append(diff)
+            if diff and self._diff:  # headed by the object it is about: "--- before: alice"
+                header = dict(before_header=str(label), after_header=str(label)) if label else {}
+                diffs.append(dict(header, **diff))
             results.append(dict(result, item=item))
             if failure:
                 failures.append("%s: %s" % (label or "item %d" % len(results), failure["msg"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import run_playbook, ssl_context
+from helpers import aws_kwargs, run_playbook, ssl_context
 
 RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -185,6 +185,31 @@ def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, rep
         recaps = RECAPS.findall(again.stdout)
         assert len(recaps) == 1 and all(changed == "0" and failed == "0" for _h, _o, changed, _u, failed in recaps), \
             again.stdout[-4000:]
+
+
+def test_converge_repositories_refreshes_every_notification_when_the_topics_change(stack, repo_root, unique_name, s3):
+    """A changed topic setting (ack level) updates every topic, and each bucket's notification is dropped and made
+    again so RGW applies it (the role's refresh step, batched); the run after that changes nothing."""
+    personal, group = unique_name + "p", unique_name + "g"
+    fleet = {"cvmfs_repositories": _seed_fleet(repo_root, stack, s3, personal, group)}
+    assert run_playbook("converge_repositories.yml", fleet).returncode == 0
+    changed = dict(fleet, cvmfs_publisher_topic_ack_level="routable")
+    proc = run_playbook("converge_repositories.yml", changed, diff=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    tasks = dict(re.findall(r"TASK \[[^\]]*: ([^\]]+)\] \*+\n(?:(?!TASK \[).*\n)*?(changed|ok|skipping): ",
+                            proc.stdout))
+    assert "--- before: %s\n+++ after: %s\n" % (personal, personal) in proc.stdout, proc.stdout[-4000:]
+    assert tasks["Create the RGW topics that push the buckets' events to those queues"] == "changed", tasks
+    assert tasks["Drop the bucket notifications so that they pick up their changed topics"] == "changed", tasks
+    assert tasks["Notify the topics of changes under the buckets' prefix"] == "changed", tasks
+    sns = boto3.client("sns", **aws_kwargs(stack))
+    for short in (personal, group):
+        arn = "arn:aws:sns:%s::%s" % (stack["RGW_REGION"], short)
+        assert "amqp-ack-level=routable" in json.dumps(sns.get_topic_attributes(TopicArn=arn)["Attributes"])
+        notification = s3.get_bucket_notification_configuration(Bucket=short)
+        assert [t["Id"] for t in notification.get("TopicConfigurations", [])] == ["cvmfs-publisher"], notification
+    again = run_playbook("converge_repositories.yml", changed)
+    assert again.returncode == 0 and RECAPS.findall(again.stdout)[0][2] == "0", again.stdout[-4000:]
 
 
 def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, repo_root, unique_name, s3):

@@ -75,7 +75,8 @@ def test_check_mode_and_diff_apply_to_every_item(queues, capsys):
                                        batch=[dict(name="alice"), dict(name="bob")]), capsys)
     assert not result.get("failed") and result["changed"]
     assert [call["check_mode"] for call in queues["calls"]] == [True, True]
-    assert result["diff"] == [dict(before={}, after=dict(name="alice")), dict(before={}, after=dict(name="bob"))]
+    assert result["diff"] == [dict(before={}, after=dict(name="alice"), before_header="alice", after_header="alice"),
+                              dict(before={}, after=dict(name="bob"), before_header="bob", after_header="bob")]
 
 
 def test_a_batch_of_one_fails_with_that_items_message_alone(queues, capsys):
