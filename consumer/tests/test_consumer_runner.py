@@ -200,6 +200,19 @@ def test_a_module_that_dies_is_reported_as_such(project):
     assert "deserialization" not in result.error
 
 
+def test_a_module_that_dies_in_a_step_whose_errors_are_handled_is_still_the_error(project):
+    """The repository role's batched steps ignore their errors and a last task fails naming them; a module process
+    that died there must still be reported as such, not as the last task's summary."""
+    playbook = PLAYBOOK_SLOW.replace("ansible.builtin.command: sleep 60.{{ cvmfs_repository | length }}7531",
+                                     "ansible.builtin.shell: kill -9 $PPID; sleep 5\n      ignore_errors: true")
+    playbook += "\n    - ansible.builtin.fail:\n        msg: a step failed\n"
+    assert "ignore_errors" in playbook
+    result = make_runner(project, playbook).run("sync_playbook", {"cvmfs_repository": "a.infn.it"}, "changes-a")
+    assert result.outcome == "failed"
+    assert "the module process died, killed by signal 9 (SIGKILL), before reporting a result" in result.error, \
+        result.error
+
+
 @pytest.mark.parametrize("res, expected", [
     ({"msg": "Module result deserialization failed: No start of json char found", "rc": 137},
      "the module process died, killed by signal 9 (SIGKILL), before reporting a result"),

@@ -27,8 +27,7 @@ import traceback
 
 from ansible.module_utils import basic
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.common.arg_spec import ModuleArgumentSpecValidator
-from ansible.module_utils.errors import UnsupportedError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _batch
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._naming import InvalidName
 
 
@@ -97,14 +96,6 @@ def secret_option(params, name, what):
 
 BATCH_ARGUMENT_SPEC = dict(batch=dict(type="list", elements="dict"))
 
-# The constraints AnsibleModule checks across options; with ``batch`` they are checked on each merged option set.
-_CONSTRAINTS = ("mutually_exclusive", "required_together", "required_one_of", "required_if", "required_by")
-
-
-def _relaxed(spec):
-    """``spec`` with no option required (a batch's items may supply them)."""
-    return dict((name, dict(option, required=False)) for name, option in spec.items())
-
 
 def _call(func, module):
     """(result, None) or (None, failure dict): ``func(module)`` with a PublisherError turned into its message."""
@@ -122,38 +113,55 @@ def _call(func, module):
 class PublisherModule(AnsibleModule):
     """AnsibleModule with the collection's shared option sets merged in, one error path, and ``batch``."""
 
-    def __init__(self, argument_spec, option_sets=(), batch=False, label=None, **kwargs):
-        """``batch``: take the ``batch`` option; ``label``: the option that names an object in a batch's messages
-        (the module's first option by default)."""
+    def __init__(self, argument_spec, option_sets=(), batch=False, label=None, secrets_of=None, **kwargs):
+        """``batch``: take the ``batch`` option (_batch.py); ``label``: the option that names an object in a
+        batch's messages (the module's first option by default); ``secrets_of(params)``: values to mask that no
+        option's no_log covers (masked from the start: in the module's log line and every result)."""
         shared = {}
         for option_set in option_sets:
             shared.update(option_set)
         spec = dict(shared, **argument_spec)
         kwargs.setdefault("supports_check_mode", True)
-        self._label = label or next(iter(argument_spec))
-        self._shared_options = sorted(shared)
         self._clients = {}
-        self._item_spec = (spec, dict((name, kwargs.pop(name)) for name in _CONSTRAINTS if name in kwargs))
-        raw = dict(basic._load_params() or {}) if batch else {}  # None: ansible-test's argspec introspection
-        self._batch_base = None
-        if raw.get("batch") is not None:
+        self._shared_options = sorted(shared)
+        constraints = dict((name, kwargs.pop(name)) for name in _batch.CONSTRAINTS if name in kwargs)
+        raw = dict(basic._load_params() or {})  # None: ansible-test's argspec introspection
+        self._batch = None
+        if batch and raw.get("batch") is not None:
+            self._batch = _batch.Batch(raw["batch"], _batch.task_options(raw), spec, constraints,
+                                       label or next(iter(argument_spec)), secrets_of)
+            self._early_secrets = self._batch.secrets
             # Only the task-level options are checked here (types, choices); each merged item gets every check.
-            spec = dict(shared, **_relaxed(argument_spec))
-            self._batch_base = dict((name, value) for name, value in raw.items()
-                                    if name != "batch" and not name.startswith("_ansible_"))
+            spec = _batch.relaxed(spec)
         else:
-            kwargs.update(self._item_spec[1])
+            self._early_secrets = set(value for value in (secrets_of(raw) if secrets_of else ()) if value)
+            kwargs.update(constraints)
         if batch:
             spec.update(BATCH_ARGUMENT_SPEC)
         super(PublisherModule, self).__init__(argument_spec=spec, **kwargs)
+
+    def _log_invocation(self):
+        self.no_log_values.update(self._early_secrets)
+        super(PublisherModule, self)._log_invocation()
+
+    def _return_formatted(self, kwargs):
+        """Every result leaves through here (exit_json and fail_json, also from ``__init__``'s checks)."""
+        self.no_log_values.update(self._early_secrets)
+        return super(PublisherModule, self)._return_formatted(kwargs)
 
     def client(self, factory):
         """``factory(self.params)``, made once per module process for the same connection options (the option
         sets): the items of a batch share their client, its login and its TLS context."""
         key = (factory,) + tuple(repr(self.params.get(name)) for name in self._shared_options)
         if key not in self._clients:
-            self._clients[key] = factory(self.params)
-        return self._clients[key]
+            try:
+                self._clients[key] = factory(self.params)
+            except PublisherError as exc:  # e.g. a refused login: the next items fail with it, not after retries
+                self._clients[key] = exc
+        client = self._clients[key]
+        if isinstance(client, PublisherError):
+            raise client
+        return client
 
     def run(self, func):
         """Call ``func(self)`` and exit with its result dict; a PublisherError becomes a clear failure.
@@ -161,9 +169,10 @@ class PublisherModule(AnsibleModule):
         A ``diff`` in the result is reported only when the operator asked for one (``--diff``). With ``batch``,
         ``func`` runs once per item with ``self.params`` set to that item's options (see ``run_batch``).
         """
-        if self._batch_base is not None:
+        if self._batch is not None:
             return self.run_batch(func)
         result, failure = _call(func, self)
+        self.close_clients()
         # fail_json outside the except block: inside it, ansible-core 2.19 attaches a placeholder traceback.
         if failure is not None:
             self.fail_json(**failure)
@@ -171,36 +180,43 @@ class PublisherModule(AnsibleModule):
             result.pop("diff", None)
         self.exit_json(**result)
 
+    def close_clients(self):
+        """Log out every client that logs in (``logout``), once, after the last item; best effort."""
+        for client in self._clients.values():
+            if isinstance(client, PublisherError):
+                continue
+            try:
+                getattr(client, "logout", lambda: None)()
+            except Exception:  # pylint: disable=broad-exception-caught  # a lease left to expire, not a failure
+                pass
+        self._clients.clear()
+
     def run_batch(self, func):
-        """Each item of ``batch`` merged over the task's other options, checked against the whole argument spec,
-        then ``func(self)`` on it; one item's failure does not stop the others. The result has ``results`` (one
-        per item, in order, each with ``item``, ``changed`` and, when it failed, ``failed`` and ``msg``), ``diff``
-        (the items' diffs, with ``--diff``), and fails naming every failed item (``<n> of <m> failed: <label>:
-        <message>; ...``)."""
-        spec, constraints = self._item_spec
-        validator = ModuleArgumentSpecValidator(spec, **constraints)
+        """Each item of ``batch`` (_batch.py: merged over the task's other options, checked against the whole
+        argument spec), then ``func(self)`` on it; one item's failure does not stop the others. The result has
+        ``results`` (one per item, in order, each with ``item``, ``changed`` and, when it failed, ``failed`` and
+        ``msg``), ``diff`` (the items' diffs, with ``--diff``), and fails naming every failed item (``<n> of <m>
+        failed: <label>: <message>; ...``)."""
         results, diffs, failures = [], [], []
         task_params = self.params
-        for item in self.params["batch"]:
-            validated = validator.validate(dict(self._batch_base, **item))
-            self.no_log_values.update(validated._no_log_values)
-            label = validated.validated_parameters.get(self._label) or item.get(self._label)
-            if validated.error_messages:
-                result, failure = None, dict(msg="; ".join(
-                    ("unsupported option " if isinstance(error, UnsupportedError) else "") + str(error.args[0])
-                    for error in validated.errors.errors))
+        for item in self._batch.items:
+            if item.errors:
+                result, failure = None, dict(msg=item.errors)
             else:
-                self.params = validated.validated_parameters
-                result, failure = _call(func, self)
-                self.params = task_params
+                self.params = item.params
+                try:
+                    result, failure = _call(func, self)
+                finally:
+                    self.params = task_params
             result = dict(failure, failed=True, changed=False) if failure else result
             diff = result.pop("diff", None)
             if diff and self._diff:  # headed by the object it is about: "--- before: alice"
-                header = dict(before_header=str(label), after_header=str(label)) if label else {}
+                header = dict(before_header=str(item.label), after_header=str(item.label)) if item.label else {}
                 diffs.append(dict(header, **diff))
-            results.append(dict(result, item=item))
+            results.append(dict(result, item=item.given))
             if failure:
-                failures.append("%s: %s" % (label or "item %d" % len(results), failure["msg"]))
+                failures.append("%s: %s" % (item.label or "item %d" % len(results), failure["msg"]))
+        self.close_clients()
         summary = dict(changed=any(result["changed"] for result in results), results=results)
         if diffs:
             summary["diff"] = diffs

@@ -183,14 +183,11 @@ def repository_key_material(client, mount, path, fqrn, fields):
     return dict((field, data[field]) for field in fields)
 
 
-def read_repository_keys(params, fqrn, fields):
-    """Log in (AppRole), read the repository's key ``fields`` from ``<kv_mount>/<vault_keys_path>``, log out.
+def read_repository_keys(client, params, fqrn, fields):
+    """Read the repository's key ``fields`` from ``<kv_mount>/<vault_keys_path>`` with a logged-in ``client``
+    (``VaultClient.login``: one login for every repository of a batch, logged out by the module at its end).
 
     Returns ({field: text}, the secret's path as shown to the operator)."""
     path = vault_keys_path(fqrn, params["subject"], params["group"])
     mount = params["kv_mount"]
-    client = VaultClient.login(params)
-    try:
-        return repository_key_material(client, mount, path, fqrn, fields), "%s/%s" % (mount, path)
-    finally:
-        client.logout()
+    return repository_key_material(client, mount, path, fqrn, fields), "%s/%s" % (mount, path)

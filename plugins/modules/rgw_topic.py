@@ -213,10 +213,6 @@ ARGUMENT_SPEC = dict(
 
 
 def run(module):
-    # The push endpoint may carry a broker password: keep it out of every log and of module invocation echoes.
-    password = url_password(module.params.get("push_endpoint"))
-    if password:
-        module.no_log_values.add(password)
     return ensure_topic(module.client(Connection), module.params, module.check_mode)
 
 
@@ -224,6 +220,8 @@ def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
         batch=True,
+        # The push endpoint may carry a broker password: keep it out of every log and of module invocation echoes.
+        secrets_of=lambda params: [url_password(params.get("push_endpoint"))],
         option_sets=(RGW_ARGUMENT_SPEC,),
         mutually_exclusive=RGW_MUTUALLY_EXCLUSIVE,
         required_if=[("state", "present", ["push_endpoint"])],

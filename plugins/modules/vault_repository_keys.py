@@ -159,7 +159,7 @@ files:
 from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs_keys as keys
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _vault as vault
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherModule
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError, PublisherModule
 
 ARGUMENT_SPEC = dict(
     repository=dict(type="str", required=True, aliases=["fqrn"]),
@@ -171,6 +171,16 @@ ARGUMENT_SPEC = dict(
 )
 
 
+def run(module):
+    if module.params["state"] == "present" and not vault.HAS_HVAC:
+        raise PublisherError(missing_required_lib("hvac"))
+
+    def read_material(params, fqrn, fields):
+        return vault.read_repository_keys(module.client(vault.VaultClient.login), params, fqrn, fields)
+
+    return keys.ensure_keys(module.params, module.check_mode, read_material)
+
+
 def main():
     module = PublisherModule(
         ARGUMENT_SPEC,
@@ -179,9 +189,7 @@ def main():
         mutually_exclusive=vault.VAULT_MUTUALLY_EXCLUSIVE + [["subject", "group"]],
         required_if=[["state", "present", ["subject", "group"], True]],
     )
-    if module.params["state"] == "present" and not vault.HAS_HVAC:
-        module.fail_json(msg=missing_required_lib("hvac"))
-    module.run(lambda module: keys.ensure_keys(module.params, module.check_mode, vault.read_repository_keys))
+    module.run(run)
 
 
 if __name__ == "__main__":

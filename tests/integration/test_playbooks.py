@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import aws_kwargs, run_playbook, ssl_context
+from helpers import aws_kwargs, run_module, run_playbook, ssl_context
 
 RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -235,17 +235,31 @@ def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, repo_
 
 
 def test_converge_repositories_reads_the_daemons_registry_by_default(stack, repo_root, unique_name, s3, tmp_path):
-    """Without a list, the repositories the daemon applied on the host (registry.json's requests)."""
+    """Without a list: the repositories the daemon applied here (registry.json), that still exist here. A removed
+    notification is put back; a repository applied but no longer on the host is not created again."""
     personal, group = unique_name + "p", unique_name + "g"
     fleet = _seed_fleet(repo_root, stack, s3, personal, group)
+    assert run_playbook("converge_repositories.yml", {"cvmfs_repositories": fleet}).returncode == 0
+    rc, _ = run_module("infn_cloud.cvmfs_publisher.rgw_bucket_notification", dict(  # drift: a removed notification
+        bucket=group, state="absent", endpoint_url="{{ cvmfs_publisher_rgw_endpoint }}",
+        access_key_file="{{ cvmfs_publisher_rgw_access_key_file }}",
+        secret_key_file="{{ cvmfs_publisher_rgw_secret_key_file }}"))
+    assert rc == 0
+    gone = {"repository": unique_name + "gone.infn.it", "subject": "sub-gone", "group": None}
+    requests = [dict(entry, owner="someone", form="json") for entry in fleet + [gone]]
     registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"applied": {}, "requests": dict(
-        (entry["repository"], dict(entry, owner="someone", form="json")) for entry in fleet)}))
+    registry.write_text(json.dumps({"applied": dict((r["repository"], "0123456789abcdef") for r in requests),
+                                    "requests": dict((r["repository"], r) for r in requests)}))
     proc = run_playbook("converge_repositories.yml", {"cvmfs_publisher_registry_file": str(registry)})
     assert proc.returncode == 0, proc.stdout[-4000:]
-    root = Path(stack["CVMFS_STANDIN_ROOT"])
-    for short in (personal, group):
-        assert (root / "etc/cvmfs/repositories.d" / (short + ".infn.it") / "server.conf").is_file()
+    assert RECAPS.findall(proc.stdout)[0][2] == "1", proc.stdout[-4000:]  # the notification, nothing else
+    notification = s3.get_bucket_notification_configuration(Bucket=group)
+    assert [t["Id"] for t in notification.get("TopicConfigurations", [])] == ["cvmfs-publisher"], notification
+    assert not (Path(stack["CVMFS_STANDIN_ROOT"]) / "etc/cvmfs/repositories.d" / gone["repository"]).exists()
+
+    registry.write_text(json.dumps({"applied": {}, "requests": {}}))
+    proc = run_playbook("converge_repositories.yml", {"cvmfs_publisher_registry_file": str(registry)})
+    assert proc.returncode == 0 and "no repository to converge" in proc.stdout, proc.stdout[-4000:]
 
 
 def test_converge_repositories_names_a_bad_list(stack):

@@ -154,3 +154,55 @@ def test_succeeded_keeps_the_requests_whose_element_did_not_fail():
     assert filters.succeeded(requests, step) == [{"repository": "a"}, {"repository": "c"}]
     assert filters.succeeded(requests, {"skipped": True}) == requests
     assert filters.succeeded(requests, {"failed": True, "msg": "module died"}) == []
+
+
+# -- review findings: aliases, exclusive options across the two levels, secrets before any item ran ---------------
+
+def test_an_items_option_wins_over_the_tasks_alias_of_it(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(rgw_topic, "Connection", lambda params: seen.append(params["endpoint_url"]) or object())
+    monkeypatch.setattr(rgw_topic, "ensure_topic", lambda conn, params, check: dict(changed=False))
+    result = run_main(rgw_topic, dict(rgw_endpoint="http://task:1", push_endpoint="amqp://b:5672", batch=[
+        dict(name="alice", endpoint_url="http://item:1"), dict(name="bob")]), capsys)
+    assert not result.get("failed"), result
+    assert seen == ["http://item:1", "http://task:1"]
+    assert not result.get("warnings"), result["warnings"]
+
+
+def test_an_items_option_replaces_the_task_options_it_excludes(queues, capsys, tmp_path):
+    password_file = tmp_path / "password"
+    password_file.write_text("from-a-file\n")
+    result = run_main(amqp_queue, dict(api_url=API, login_password="task-level", batch=[
+        dict(name="alice", login_password_file=str(password_file)), dict(name="bob")]), capsys)
+    assert not result.get("failed"), result
+    assert [(c["login_password"], c["login_password_file"]) for c in queues["calls"]] == [
+        (None, str(password_file)), ("task-level", None)]
+
+
+def test_connection_options_may_come_with_each_item(queues, capsys):
+    result = run_main(amqp_queue, dict(batch=[dict(name="alice", api_url=API), dict(name="bob")]), capsys)
+    assert [call["name"] for call in queues["calls"]] == ["alice"]
+    assert result["msg"] == "1 of 2 failed: bob: missing required arguments: api_url"
+
+
+@pytest.mark.parametrize("task, items", [
+    # an item that fails its checks, with a password option and a password in a URL
+    (dict(endpoint_url="http://127.0.0.1:9"),
+     [dict(name="alice", push_endpoint="amqps://u:Sup3r-s3cret@b:5671", colour="blue"),
+      dict(name="bob", push_endpoint="amqps://b:5671", secret_key="Sup3r-s3cret")]),
+    # the task's own options fail their checks: nothing runs, the items are echoed in the invocation
+    (dict(endpoint_url="http://127.0.0.1:9", persistent="maybe"),
+     [dict(name="alice", push_endpoint="amqps://u:Sup3r-s3cret@b:5671", secret_key="Sup3r-s3cret")]),
+    # the password in the task's URL, no item reaches the module's code
+    (dict(endpoint_url="http://127.0.0.1:9", push_endpoint="amqps://u:Sup3r-s3cret@b:5671"), [dict(colour="x")]),
+])
+def test_secrets_of_every_item_are_masked_in_the_log_line_and_the_result(monkeypatch, capsys, task, items):
+    logged = []
+    monkeypatch.setattr(rgw_topic.PublisherModule, "log", lambda self, msg, log_args=None: logged.append(msg))
+    monkeypatch.setattr(rgw_topic, "Connection", lambda params: object())
+    monkeypatch.setattr(rgw_topic, "ensure_topic", lambda conn, params, check: dict(changed=False))
+    result = run_main(rgw_topic, dict(task, batch=items), capsys)
+    assert result["failed"]
+    assert logged or "persistent" in result["msg"], "the module logs its invocation once its own options pass"
+    assert all("Sup3r-s3cret" not in line for line in logged), logged
+    assert "Sup3r-s3cret" not in json.dumps(result), result

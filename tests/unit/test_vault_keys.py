@@ -339,3 +339,25 @@ def test_validate_certs_and_ca_cert_reach_the_client(keys_module, fake_vault, tm
 def test_server_message_scrubs_credentials():
     exc = hvac.exceptions.InvalidRequest(errors=["bad secret_id %s for role %s" % (SECRET_ID, ROLE_ID)])
     assert vault._server_message(exc, ROLE_ID, SECRET_ID) == "bad secret_id ******** for role ********"
+
+
+def test_a_batch_logs_in_once_and_out_once_for_every_repository(keys_module, keys_dir, fake_vault):
+    fake_vault.secrets[("secrets", "groups/atlas/cvmfs_keys/atlas.infn.it")] = dict(KEYS)
+    result, raw = keys_module(repository=None, subject=None, batch=[
+        {"repository": FQRN, "subject": SUBJECT}, {"fqrn": "atlas.infn.it", "group": "atlas"},
+        {"repository": "nokeys.infn.it", "subject": "nobody"}])
+    assert result["failed"] and result["msg"].startswith(
+        "1 of 3 failed: nokeys.infn.it: no keys for nokeys.infn.it at secrets/nobody/cvmfs_keys/nokeys.infn.it")
+    assert [r["changed"] for r in result["results"]] == [True, True, False]
+    assert (keys_dir / "atlas.infn.it.gw").read_text() == KEYS["gatewayKey"]
+    assert [call[0] for call in fake_vault.calls].count("login") == 1
+    assert [call[0] for call in fake_vault.calls].count("revoke") == 1 and fake_vault.calls[-1] == ("revoke",)
+    assert_no_secret(raw)
+
+
+def test_a_refused_login_fails_every_item_of_a_batch_without_trying_again(keys_module, fake_vault):
+    fake_vault.credentials = (ROLE_ID, "another-secret-id")
+    result, raw = keys_module(repository=None, batch=[{"repository": FQRN}, {"repository": "bob.infn.it"}])
+    assert result["msg"].count("invalid role_id or secret_id") == 2, result["msg"]
+    assert [call[0] for call in fake_vault.calls].count("login") == 1
+    assert_no_secret(raw)

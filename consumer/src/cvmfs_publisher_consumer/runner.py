@@ -81,10 +81,13 @@ class _EventErrors:
                 self.refusals = res["refusals"]
         if not self.error and event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data") or {}
-            if data.get("ignore_errors"):
-                return True
             res = data.get("res") or {}
-            message = module_death(res) or res.get("msg") or res.get("stderr") or "failed"
+            death = module_death(res)
+            # A step whose errors the playbook handles (the role's batched steps) is not the error, unless its
+            # module process died: that is what the run's error must say.
+            if data.get("ignore_errors") and not death:
+                return True
+            message = death or res.get("msg") or res.get("stderr") or "failed"
             self.error = "%s: %s" % (data.get("task") or "task", str(message).strip())[:MAX_ERROR_LENGTH]
         return True  # keep the event on disk too (only kept for failed runs, after scrubbing)
 
