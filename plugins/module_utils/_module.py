@@ -125,7 +125,9 @@ class PublisherModule(AnsibleModule):
         self._clients = {}
         self._shared_options = sorted(shared)
         constraints = dict((name, kwargs.pop(name)) for name in _batch.CONSTRAINTS if name in kwargs)
-        raw = dict(basic._load_params() or {})  # None: ansible-test's argspec introspection
+        # The options as the task gave them, read again only by the modules that need them (None: ansible-test's
+        # argspec introspection).
+        raw = dict(basic._load_params() or {}) if batch or secrets_of else {}
         self._batch = None
         if batch and raw.get("batch") is not None:
             self._batch = _batch.Batch(raw["batch"], _batch.task_options(raw), spec, constraints,
