@@ -38,6 +38,11 @@ def task_options(raw):
     return dict((name, value) for name, value in raw.items() if name != "batch" and not name.startswith("_ansible_"))
 
 
+def found_secrets(secrets_of, params):
+    """The values ``secrets_of(params)`` finds to mask (none without ``secrets_of``; empty ones left out)."""
+    return set(value for value in (secrets_of(params) if secrets_of is not None else ()) if value)
+
+
 class Item:
     """One element of the batch: as given (``given``), its merged and checked options, or its errors."""
 
@@ -58,7 +63,7 @@ class Batch:
         self.exclusive = constraints.get("mutually_exclusive") or []
         self.secrets = set()
         self.task = self._canonical(task)
-        self._collect(self.task, secrets_of)
+        self.secrets.update(found_secrets(secrets_of, self.task))
         validator = ModuleArgumentSpecValidator(spec, **constraints)
         self.items = []
         for given in items if isinstance(items, list) else []:
@@ -66,16 +71,12 @@ class Batch:
                 continue  # the task-level check of ``batch`` (a list of dicts) refuses it
             validation = validator.validate(self.merged(given))
             self.secrets.update(validation._no_log_values)  # pylint: disable=protected-access  # no public name
-            self._collect(validation.validated_parameters, secrets_of)
+            self.secrets.update(found_secrets(secrets_of, validation.validated_parameters))
             name = validation.validated_parameters.get(label) or self._canonical(given).get(label)
             self.items.append(Item(given, validation, name))
 
     def _canonical(self, options):
         return dict((self.aliases.get(name, name), value) for name, value in options.items())
-
-    def _collect(self, params, secrets_of):
-        if secrets_of is not None:
-            self.secrets.update(value for value in secrets_of(params) if value)
 
     def merged(self, item):
         """The task's options with ``item``'s over them (canonical names); an item's option drops the task's

@@ -136,7 +136,7 @@ class PublisherModule(AnsibleModule):
             # Only the task-level options are checked here (types, choices); each merged item gets every check.
             spec = _batch.relaxed(spec)
         else:
-            self._early_secrets = set(value for value in (secrets_of(raw) if secrets_of else ()) if value)
+            self._early_secrets = _batch.found_secrets(secrets_of, raw)
             kwargs.update(constraints)
         if batch:
             spec.update(BATCH_ARGUMENT_SPEC)
