@@ -47,6 +47,7 @@ import zipfile
 from ansible import constants as C
 from ansible.plugins.action.normal import ActionModule as NormalAction
 from ansible.release import __version__ as ANSIBLE_VERSION
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._files import write_atomically
 
 _COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PAYLOAD_SOURCES = ("plugins/modules", "plugins/module_utils")
@@ -141,18 +142,15 @@ def with_bytecode(zip_bytes):
 def _rewrite_with_bytecode(path):
     """Replace the cached payload at ``path`` by the same payload with bytecode; False when it cannot (another
     ansible-core layout, a source this Python cannot compile, no room): then the payload stays as it was."""
-    part = "%s.%d.tmp" % (path, os.getpid())
     try:
         with open(path, "rb") as handle:
             cached = pickle.load(handle)
         zip_data = base64.b64encode(with_bytecode(base64.b64decode(cached.zip_data)))
-        with open(part, "wb") as handle:
-            pickle.dump(dataclasses.replace(cached, zip_data=zip_data), handle)
-        os.replace(part, path)  # readers meet the old payload or the new one, never half of one
+        # Readers meet the old payload or the new one, never half of one; no temporary file is left behind.
+        write_atomically(path, pickle.dumps(dataclasses.replace(cached, zip_data=zip_data)),
+                         mode=os.stat(path).st_mode & 0o777)
         return True
     except Exception:  # pylint: disable=broad-exception-caught  # best effort, see the docstring
-        if os.path.exists(part):
-            os.unlink(part)
         return False
 
 
@@ -163,7 +161,9 @@ def add_bytecode(lasting):
     changed = []
     for name in _names(lasting):
         path = os.path.join(lasting, name)
-        if name.endswith((".lock", "-part", ".tmp", _WITH_BYTECODE)) or os.path.exists(path + _WITH_BYTECODE):
+        # Not a payload: a lock, ansible-core's part file, a temporary file of write_atomically (".<name>.*"), a mark.
+        if name.startswith(".") or name.endswith((".lock", "-part", _WITH_BYTECODE)) \
+                or os.path.exists(path + _WITH_BYTECODE):
             continue
         try:
             # ansible-core's own lock of that payload file: one process adds the bytecode, the others skip it.
