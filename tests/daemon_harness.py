@@ -24,6 +24,7 @@ import pika
 import pytest
 import yaml
 
+import helpers
 from helpers import amqp_parameters, daemon_amqp_settings, stack_vars_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +76,7 @@ def rabbitmqctl(stack, *args):
 
 
 def seed_keys(stack, fqrn, subject):
-    subprocess.run([str(REPO_ROOT / "devstack" / "stack"), "seed-keys", fqrn, "--subject", subject], check=True,
-                   capture_output=True, env=dict(os.environ, DEVSTACK_DIR=stack["DEVSTACK_DIR"]), timeout=120)
+    helpers.seed_keys(stack, fqrn, "--subject", subject)
 
 
 def stack_secrets(stack):

@@ -41,6 +41,14 @@ def aws_kwargs(stack):
     )
 
 
+def seed_keys(stack, fqrn, *owner):
+    """Store a repository's keys in the stack's Vault, as the Stratum-0 side would: ``owner`` is ``"--subject",
+    <sub>`` (personal repository) or ``"--group", <group>``."""
+    subprocess.run([str(REPO_ROOT / "devstack" / "stack"), "seed-keys", fqrn, *owner], check=True,
+                   capture_output=True, text=True, env=dict(os.environ, DEVSTACK_DIR=stack["DEVSTACK_DIR"]),
+                   timeout=120)
+
+
 @functools.lru_cache(maxsize=None)
 def stack_vars_file():
     """Path of the running stack's vars.yml (`devstack/stack vars` writes it for $DEVSTACK_DIR)."""

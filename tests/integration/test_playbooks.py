@@ -1,7 +1,6 @@
 """The operator's view: provision_repository.yml and remove_repository.yml run with ansible-playbook on the stack."""
 import json
 import re
-import subprocess
 import urllib.error
 import urllib.request
 import base64
@@ -10,7 +9,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import aws_kwargs, run_module, run_playbook, ssl_context
+from helpers import aws_kwargs, run_module, run_playbook, seed_keys, ssl_context
 
 RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
@@ -20,18 +19,6 @@ def recap(proc):
     assert match, "no PLAY RECAP in output:\n" + proc.stdout[-3000:] + proc.stderr[-2000:]
     ok, changed, unreachable, failed = map(int, match.groups())
     return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}
-
-
-def seed_keys(repo_root, stack, fqrn, subject):
-    subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", fqrn, "--subject", subject],
-                   check=True, capture_output=True, text=True, env=_stack_env(stack))
-
-
-def _stack_env(stack):
-    import os
-    env = dict(os.environ)
-    env["DEVSTACK_DIR"] = stack["DEVSTACK_DIR"]
-    return env
 
 
 def vault_keys(stack, subject, fqrn):
@@ -64,10 +51,10 @@ def clients(stack):
 
 
 @pytest.fixture
-def repository(stack, repo_root, unique_name, s3):
+def repository(stack, unique_name, s3):
     fqrn = "%s.infn.it" % unique_name
     subject = "sub-" + unique_name
-    seed_keys(repo_root, stack, fqrn, subject)
+    seed_keys(stack, fqrn, "--subject", subject)
     s3.create_bucket(Bucket=unique_name)
     return {"fqrn": fqrn, "short": unique_name, "subject": subject}
 
@@ -152,21 +139,20 @@ def test_provision_without_keys_in_vault_fails_clearly(stack, unique_name):
 RECAPS = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def _seed_fleet(repo_root, stack, s3, personal, group):
-    seed_keys(repo_root, stack, personal + ".infn.it", "sub-" + personal)
-    subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", group + ".infn.it", "--group",
-                    "grp-" + group], check=True, capture_output=True, text=True, env=_stack_env(stack))
+def _seed_fleet(stack, s3, personal, group):
+    seed_keys(stack, personal + ".infn.it", "--subject", "sub-" + personal)
+    seed_keys(stack, group + ".infn.it", "--group", "grp-" + group)
     for short in (personal, group):
         s3.create_bucket(Bucket=short)
     return [{"repository": personal + ".infn.it", "subject": "sub-" + personal},
             {"repository": group + ".infn.it", "group": "grp-" + group}]
 
 
-def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, repo_root, unique_name, s3):
+def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, unique_name, s3):
     """playbooks/converge_repositories.yml: a personal and a group repository in one run, each step one module run
     for both (`batch`); the second run changes nothing, and neither does --check."""
     personal, group = unique_name + "p", unique_name + "g"
-    fleet = {"cvmfs_repositories": _seed_fleet(repo_root, stack, s3, personal, group)}
+    fleet = {"cvmfs_repositories": _seed_fleet(stack, s3, personal, group)}
 
     first = run_playbook("converge_repositories.yml", fleet)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
@@ -187,11 +173,11 @@ def test_converge_repositories_provisions_a_list_then_changes_nothing(stack, rep
             again.stdout[-4000:]
 
 
-def test_converge_repositories_refreshes_every_notification_when_the_topics_change(stack, repo_root, unique_name, s3):
+def test_converge_repositories_refreshes_every_notification_when_the_topics_change(stack, unique_name, s3):
     """A changed topic setting (ack level) updates every topic, and each bucket's notification is dropped and made
     again so RGW applies it (the role's refresh step, batched); the run after that changes nothing."""
     personal, group = unique_name + "p", unique_name + "g"
-    fleet = {"cvmfs_repositories": _seed_fleet(repo_root, stack, s3, personal, group)}
+    fleet = {"cvmfs_repositories": _seed_fleet(stack, s3, personal, group)}
     assert run_playbook("converge_repositories.yml", fleet).returncode == 0
     changed = dict(fleet, cvmfs_publisher_topic_ack_level="routable")
     proc = run_playbook("converge_repositories.yml", changed, diff=True)
@@ -212,11 +198,11 @@ def test_converge_repositories_refreshes_every_notification_when_the_topics_chan
     assert again.returncode == 0 and RECAPS.findall(again.stdout)[0][2] == "0", again.stdout[-4000:]
 
 
-def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, repo_root, unique_name, s3):
+def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, unique_name, s3):
     """One repository without keys in Vault and one with a name no module accepts: the good one is provisioned all
     the way, the run fails naming both, each with its own reason."""
     good = unique_name + "ok"
-    seed_keys(repo_root, stack, good + ".infn.it", "sub-" + good)
+    seed_keys(stack, good + ".infn.it", "--subject", "sub-" + good)
     s3.create_bucket(Bucket=good)
     fleet = {"cvmfs_repositories": [{"repository": unique_name + "nokeys.infn.it", "subject": "sub-nobody"},
                                     {"repository": good + ".infn.it", "subject": "sub-" + good},
@@ -234,11 +220,11 @@ def test_converge_repositories_goes_on_past_a_repository_that_fails(stack, repo_
     assert [t["Id"] for t in notification.get("TopicConfigurations", [])] == ["cvmfs-publisher"], notification
 
 
-def test_converge_repositories_reads_the_daemons_registry_by_default(stack, repo_root, unique_name, s3, tmp_path):
+def test_converge_repositories_reads_the_daemons_registry_by_default(stack, unique_name, s3, tmp_path):
     """Without a list: the repositories the daemon applied here (registry.json), that still exist here. A removed
     notification is put back; a repository applied but no longer on the host is not created again."""
     personal, group = unique_name + "p", unique_name + "g"
-    fleet = _seed_fleet(repo_root, stack, s3, personal, group)
+    fleet = _seed_fleet(stack, s3, personal, group)
     assert run_playbook("converge_repositories.yml", {"cvmfs_repositories": fleet}).returncode == 0
     rc, _ = run_module("infn_cloud.cvmfs_publisher.rgw_bucket_notification", dict(  # drift: a removed notification
         bucket=group, state="absent", endpoint_url="{{ cvmfs_publisher_rgw_endpoint }}",

@@ -3,14 +3,13 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import run_module, run_playbook
+from helpers import run_module, run_playbook, seed_keys
 
 MODULE = "infn_cloud.cvmfs_publisher.vault_repository_keys"
 SUFFIXES = ((".crt", "certificateKey", 0o444), (".pub", "publicKey", 0o444), (".gw", "gatewayKey", 0o400))
@@ -31,11 +30,6 @@ def vault_keys(stack, secret_path):
     return vault_call(stack, "GET", "%s/data/%s" % (stack["VAULT_KV_MOUNT"], secret_path))["data"]["data"]
 
 
-def seed_keys(repo_root, stack, fqrn, *who):
-    subprocess.run([str(repo_root / "devstack" / "stack"), "seed-keys", fqrn] + list(who), check=True,
-                   capture_output=True, text=True, env=dict(os.environ, DEVSTACK_DIR=stack["DEVSTACK_DIR"]))
-
-
 def connection(stack):
     return dict(url=stack["VAULT_ADDR"], role_id_file=stack["VAULT_ROLE_ID_FILE"],
                 secret_id_file=stack["VAULT_SECRET_ID_FILE"], kv_mount=stack["VAULT_KV_MOUNT"])
@@ -48,10 +42,10 @@ def keys_dir():
 
 
 @pytest.fixture
-def personal(stack, repo_root, unique_name, keys_dir):
+def personal(stack, unique_name, keys_dir):
     """A personal repository whose keys are seeded in Vault; `args` installs them into a fresh keys folder."""
     fqrn, subject = "%s.infn.it" % unique_name, "sub-" + unique_name
-    seed_keys(repo_root, stack, fqrn, "--subject", subject)
+    seed_keys(stack, fqrn, "--subject", subject)
     secret_path = "%s/cvmfs_keys/%s" % (subject, fqrn)
     return dict(fqrn=fqrn, secret_path=secret_path, keys=vault_keys(stack, secret_path),
                 args=dict(connection(stack), repository=fqrn, subject=subject, keys_dir=str(keys_dir)))
@@ -92,9 +86,9 @@ def test_install_is_idempotent_and_check_mode_predicts(personal, keys_dir):
     assert rc == 0 and check_again["changed"] is False, check_again
 
 
-def test_group_repository(stack, repo_root, unique_name, keys_dir):
+def test_group_repository(stack, unique_name, keys_dir):
     fqrn = "%s.infn.it" % unique_name
-    seed_keys(repo_root, stack, fqrn, "--group", "grp-" + unique_name)
+    seed_keys(stack, fqrn, "--group", "grp-" + unique_name)
     args = dict(connection(stack), repository=fqrn, group="grp-" + unique_name, keys_dir=str(keys_dir))
     rc, result = run_module(MODULE, args)
     assert rc == 0 and result["changed"] is True, result
