@@ -3,7 +3,6 @@ delimiter, 1,000 keys a page, continuation tokens): what it lists, and how many 
 from urllib.parse import quote_plus
 
 import pytest
-from xml.etree import ElementTree
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
 
@@ -46,7 +45,7 @@ class MemoryBucket(BucketObjects):
         if truncated:
             body.append("<NextContinuationToken>%s</NextContinuationToken>" % quote_plus(last, safe="/"))
         body.append("</ListBucketResult>")
-        return ElementTree.fromstring("".join(body))
+        return "".join(body).encode()
 
 
 def listed(bucket):

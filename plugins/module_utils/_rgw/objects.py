@@ -6,7 +6,8 @@
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 
 Listing and downloading skip boto3's response parsing: botocore's generic XML parser spends ~1 s of CPU per
-1,000-key ListObjectsV2 page and ~2 ms per GetObject, which made the engine CPU-bound on small objects. The
+1,000-key ListObjectsV2 page and ~2 ms per GetObject, which made the engine CPU-bound on small objects (a page is
+read by ``_rgw/listing.py``). The
 requests go through ``Connection.signed_request`` (the connection's own credentials, static or AssumeRole, and
 TLS settings); errors become ClientErrors so messages and retries stay those of ``client``.
 
@@ -27,12 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from xml.etree import ElementTree
 
 try:
-    from urllib.parse import quote, unquote_plus, urlencode
+    from urllib.parse import quote, urlencode
 except ImportError:  # pragma: no cover - Python 2 module machinery only
-    from urllib import quote, unquote_plus, urlencode  # noqa
+    from urllib import quote, urlencode  # noqa
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync_plan as sp
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import listing
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     BotoCoreError,
     ClientError,
@@ -46,7 +48,6 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
 CHUNK_BYTES = 1 << 20
 # How many folder levels a parallel listing reads with the delimiter, looking for enough folders to list at once.
 LIST_MAX_DEPTH = 3
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 class TransferError(PublisherError):
@@ -93,52 +94,47 @@ class BucketObjects:
     # -- listing ---------------------------------------------------------------------------------------------------
     @jittered_backoff(retries=4, delay=0.5)
     def _list_page(self, prefix, token, delimiter=None):
+        """One ListObjectsV2 answer, as bytes."""
         query = {"list-type": "2", "prefix": prefix, "encoding-type": "url", "max-keys": "1000"}
         if delimiter:
             query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
-        return ElementTree.fromstring(self.rgw.signed_request("GET", self._url(query=query), "ListObjectsV2").content)
+        return self.rgw.signed_request("GET", self._url(query=query), "ListObjectsV2").content
 
     def _pages(self, prefix, delimiter=None):
-        """The listing pages of ``prefix``, one after another."""
+        """The listing pages of ``prefix`` (``_rgw/listing.ListingPage``), one after another."""
         token = None
         where = "s3://%s/%s" % (self.bucket, prefix)
         while True:
             try:
-                page = self._list_page(prefix, token, delimiter)
+                page = listing.read_page(self._list_page(prefix, token, delimiter))
             except (BotoCoreError, ClientError) as exc:
                 raise TransferError(describe_client_error(exc, "list %s" % where))
             except ElementTree.ParseError as exc:
                 raise TransferError("RGW answered the listing of %s with malformed XML: %s" % (where, exc))
             yield page
-            token = page.findtext(_S3_NS + "NextContinuationToken")
-            if page.findtext(_S3_NS + "IsTruncated") != "true" or not token:
+            token = page.token
+            if not page.truncated or not token:
                 return
-
-    @staticmethod
-    def _observations(page):
-        return [sp.Observation(unquote_plus(item.findtext(_S3_NS + "Key")), item.findtext(_S3_NS + "ETag"),
-                               int(item.findtext(_S3_NS + "Size"))) for item in page.iter(_S3_NS + "Contents")]
 
     def _list_sequentially(self, prefix):
         for page in self._pages(prefix):
-            yield from self._observations(page)
+            yield from page.observations
 
     def _list_folder(self, prefix):
         """Everything under ``prefix``, page after page."""
         observations = []
         for page in self._pages(prefix):
-            observations.extend(self._observations(page))
+            observations.extend(page.observations)
         return observations
 
     def _list_level(self, prefix):
         """(the objects right under ``prefix``, its sub-folders): a listing with the "/" delimiter."""
         observations, folders = [], []
         for page in self._pages(prefix, delimiter="/"):
-            observations.extend(self._observations(page))
-            folders.extend(unquote_plus(item.findtext(_S3_NS + "Prefix"))
-                           for item in page.iter(_S3_NS + "CommonPrefixes"))
+            observations.extend(page.observations)
+            folders.extend(page.folders)
         return observations, folders
 
     def list(self, prefix):
@@ -153,8 +149,8 @@ class BucketObjects:
         first = next(self._pages(prefix), None)   # _pages yields at least one page or raises
         if first is None:
             return
-        if first.findtext(_S3_NS + "IsTruncated") != "true":
-            yield from self._observations(first)
+        if not first.truncated:
+            yield from first.observations
             return
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             folders, depth = [prefix], 0

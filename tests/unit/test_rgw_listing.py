@@ -1,0 +1,113 @@
+"""_rgw/listing.py: a ListObjectsV2 page read with regular expressions says exactly what ElementTree reads in it.
+
+Pages are generated as RGW and S3 write them (ElementTree serialization, keys URL-encoded, quoted ETags, any text in
+keys and continuation tokens), and as other servers might (no URL encoding, pretty-printed, character references,
+CDATA, comments, attributes, missing elements, truncated documents). Whatever the fast reader accepts must give the
+same keys, ETags, sizes, truncation and token as ElementTree; what it cannot read exactly it must hand over.
+"""
+from urllib.parse import quote_plus
+from xml.etree import ElementTree
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import listing
+
+NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+HEAD = '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="%s">' % NS
+# XML 1.0 text: no control characters but tab and newline, no surrogates.
+XML_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00",
+                                 min_codepoint=0x09).filter(lambda c: c in "\t\n" or ord(c) >= 0x20), max_size=12)
+
+
+def page_xml(entries, truncated, token, url_encoded=True):
+    """A page as RGW writes it, through ElementTree's serializer (which escapes what XML needs)."""
+    root = ElementTree.Element("ListBucketResult", xmlns=NS)
+    ElementTree.SubElement(root, "IsTruncated").text = "true" if truncated else "false"
+    for key, etag, size in entries:
+        item = ElementTree.SubElement(root, "Contents")
+        ElementTree.SubElement(item, "Key").text = quote_plus(key, safe="") if url_encoded else key
+        ElementTree.SubElement(item, "LastModified").text = "2026-12-03T13:26:16.387Z"
+        ElementTree.SubElement(item, "ETag").text = '"%s"' % etag
+        ElementTree.SubElement(item, "Size").text = str(size)
+    if token is not None:
+        ElementTree.SubElement(root, "NextContinuationToken").text = token
+    return b'<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="utf-8",
+                                                                            xml_declaration=False)
+
+
+def as_tuple(page):
+    return ([(o.key, o.etag, o.size) for o in page.observations], page.folders, page.truncated, page.token)
+
+
+def reference(body):
+    return as_tuple(listing._read_tree(ElementTree.fromstring(body)))
+
+
+ENTRIES = st.lists(st.tuples(XML_TEXT.filter(bool), XML_TEXT, st.integers(0, 2 ** 40)), min_size=1, max_size=6)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(ENTRIES, st.booleans(), st.one_of(st.none(), XML_TEXT), st.booleans())
+def test_any_page_rgw_could_write_reads_the_same_both_ways(entries, truncated, token, url_encoded):
+    body = page_xml(entries, truncated, token, url_encoded)
+    fast = listing._read_plain(body.decode("utf-8"))
+    if url_encoded and token != "":   # RGW never writes an empty token element (<NextContinuationToken />)
+        assert fast is not None, "RGW's own form must take the fast path: %r" % body
+    if fast is not None:
+        assert as_tuple(fast) == reference(body)
+    assert as_tuple(listing.read_page(body)) == reference(body)
+
+
+def test_the_fast_path_reads_rgw_s_answer():
+    body = (HEAD + "<EncodingType>url</EncodingType><Name>b</Name><Prefix>cvmfs/</Prefix><MaxKeys>2</MaxKeys>"
+            "<IsTruncated>true</IsTruncated><Contents><Key>cvmfs%2Fd00%2Fa+b%26c%25</Key><LastModified>x"
+            "</LastModified><ETag>&quot;d41d8cd98f00b204e9800998ecf8427e&quot;</ETag><Size>0</Size><StorageClass>"
+            "STANDARD</StorageClass><Type>Normal</Type></Contents><Contents><Key>cvmfs%2Fm</Key><ETag>&quot;"
+            "0123-2&quot;</ETag><Size>7</Size></Contents><NextContinuationToken>cvmfs/m&amp;&lt;</NextContinuation"
+            "Token><KeyCount>2</KeyCount></ListBucketResult>").encode()
+    fast = listing._read_plain(body.decode())
+    assert as_tuple(fast) == reference(body) == (
+        [("cvmfs/d00/a b&c%", "d41d8cd98f00b204e9800998ecf8427e", 0), ("cvmfs/m", "0123-2", 7)], [], True,
+        "cvmfs/m&<")
+
+
+UNUSUAL = {
+    "pretty-printed": lambda b: b.replace(b"><", b">\n  <"),
+    "a character reference": lambda b: b.replace(b'"e1"', b"&#34;e1&#x22;"),
+    "CDATA": lambda b: b.replace(b"<Key>", b"<Key><![CDATA[x]]>"),
+    "a comment": lambda b: b.replace(b"</Contents>", b"<!-- <Key>y</Key> --></Contents>", 1),
+    "an attribute": lambda b: b.replace(b"<Contents>", b'<Contents a="1">', 1),
+    "a prefixed element": lambda b: b.replace(b"<Contents>", b'<s3:Contents xmlns:s3="%s">' % NS.encode(), 1)
+                                     .replace(b"</Contents>", b"</s3:Contents>", 1),
+    "a Contents without ETag": lambda b: b.replace(b"<ETag>", b"<X>", 1).replace(b"</ETag>", b"</X>", 1),
+    "a carriage return": lambda b: b.replace(b"<IsTruncated>", b"\r\n<IsTruncated>"),
+    "another namespace": lambda b: b.replace(NS.encode(), b"urn:other"),
+    "CommonPrefixes": lambda b: b.replace(b"<IsTruncated>",
+                                          b"<CommonPrefixes><Prefix>cvmfs%2Fd%2F</Prefix></CommonPrefixes>"
+                                          b"<IsTruncated>"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(UNUSUAL))
+def test_a_page_in_another_form_reads_as_elementtree_reads_it(variant):
+    body = UNUSUAL[variant](page_xml([("cvmfs/a", "e1", 1), ("cvmfs/b&<", "e2", 2)], True, "cvmfs/b"))
+    fast = listing._read_plain(body.decode("utf-8"))
+    assert fast is None or as_tuple(fast) == reference(body), variant
+    assert as_tuple(listing.read_page(body)) == reference(body)
+
+
+def test_a_cut_off_page_is_malformed_not_short():
+    body = page_xml([("cvmfs/a", "e1", 1), ("cvmfs/b", "e2", 2)], False, None)
+    cut = body[:body.index(b"</Contents>") + len(b"</Contents>")]
+    assert listing._read_plain(cut.decode()) is None
+    with pytest.raises(ElementTree.ParseError):
+        listing.read_page(cut)
+
+
+@given(XML_TEXT)
+def test_decode_key_is_unquote_plus(text):
+    from urllib.parse import quote, unquote_plus
+    for encoded in (quote_plus(text, safe=""), quote(text, safe="/"), quote(text, safe="").lower(), text):
+        assert listing.decode_key(encoded) == unquote_plus(encoded)
