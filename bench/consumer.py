@@ -5,10 +5,12 @@
 
 1. Latency: one 1 KiB upload at a time, ``--uploads`` times; the time from the PUT returning to the file being in
    the published tree (RGW notification -> RabbitMQ -> daemon -> ansible-runner -> sync_repository.yml -> publish).
-   Goal: p50 <= 2.5 s.
-2. Burst: ``--burst`` objects uploaded at once; time from the first PUT until all are published, and the sync runs
-   used. Compared with a `full` sync of the same objects into a fresh repository by ansible-playbook.
-   Goal: burst <= 1.3 x full + 5 s.
+   Goal: p50 <= 1.0 s. The daemon's own overhead is its run_started line's ``waited``: from the message's arrival
+   to its run's start (the bench's topics are synchronous, so RGW delivers before the PUT even returns). Goal:
+   <= 0.1 s.
+2. Burst: ``--burst`` objects uploaded at once; time from the last PUT until all are published (goal <= 3 s) and
+   the sync runs used (goal <= 10). Also compared with a `full` sync of the same objects into a fresh repository by
+   ansible-playbook (an earlier goal: first PUT to all published <= 1.3 x full + 5 s).
 
 Uses the stack in $DEVSTACK_DIR (starts one if it is down, and stops it at the end). Prints figures as it goes
 and ends with one line of JSON. Never asserts a time: goals are reported, not enforced.
@@ -62,25 +64,24 @@ def latency_summary(latencies):
 
 
 def measure_latency(stack, s3, daemon, fqrn, bucket, uploads):
-    """Per upload: (seconds until published, seconds until the daemon started its run). The second is the daemon's
-    own overhead plus RGW's notification and RabbitMQ's delivery: from the PUT's return to the daemon's
-    ``run_started`` log line (same clock)."""
+    """Per upload: (seconds until published, seconds its message waited in the daemon before its run started: the
+    ``waited`` of the daemon's ``run_started`` log line)."""
     latencies, overheads = [], []
     for index in range(uploads):
         key = "cvmfs/latency/f%03d" % index
         path = key[len(e2e.PREFIX):]
         runs_before = len(daemon.runs(fqrn))
         s3.put_object(Bucket=bucket, Key=key, Body=secrets.token_bytes(1024))
-        started, put_at = time.monotonic(), time.time()
+        started = time.monotonic()
         while path not in e2e.published_files(stack, fqrn):
             if time.monotonic() - started > 300:
                 raise RuntimeError("upload %s never published" % key)
             time.sleep(0.02)
         latencies.append(time.monotonic() - started)
         runs = daemon.runs(fqrn)[runs_before:]
-        if runs:
-            overheads.append(max(0.0, e2e._timestamp(runs[0]) - put_at))
-        log("  upload %2d published after %.2f s (its run started after %s s)"
+        if runs and runs[0].get("waited") is not None:
+            overheads.append(runs[0]["waited"])
+        log("  upload %2d published after %.2f s (its message waited %s s in the daemon)"
             % (index + 1, latencies[-1], "%.3f" % overheads[-1] if runs else "?"))
         # Let the run end (its last task and ansible-runner's clean-up) before the next upload: one run per event.
         while len(daemon.runs(fqrn, event="run_succeeded")) < runs_before + 1 and time.monotonic() - started < 120:
@@ -146,10 +147,11 @@ def main():
                                    daemon_overhead_p50_s=round(statistics.median(overheads), 3) if overheads else None,
                                    load_average_latency=round(os.getloadavg()[0], 2))
                     p50 = results["latency_p50_s"]
-                    log("latency: p50 %.2f s (goal <= 1.0 s: %s), p95 %.2f s; event -> run started p50 %s s "
-                        "(daemon overhead, goal <= 0.1 s); load average %.2f"
-                        % (p50, met(p50 <= 1.0), results["latency_p95_s"], results["daemon_overhead_p50_s"],
-                           results["load_average_latency"]))
+                    overhead = results["daemon_overhead_p50_s"]
+                    log("latency: p50 %.2f s (goal <= 1.0 s: %s), p95 %.2f s; message in -> run started p50 %s s "
+                        "(daemon overhead, goal <= 0.1 s: %s); load average %.2f"
+                        % (p50, met(p50 <= 1.0), results["latency_p95_s"], overhead,
+                           met(overhead is not None and overhead <= 0.1), results["load_average_latency"]))
                 log("burst of %d objects:" % args.burst)
                 objects, uploaded, total, runs = measure_burst(stack, s3, daemon, fqrn, tag, args.burst)
                 results.update(burst_upload_s=round(uploaded, 1), burst_published_s=round(total, 1),
@@ -166,7 +168,7 @@ def main():
         goal = 1.3 * full + 5
         results.update(full_sync_s=round(full, 1), burst_goal_s=round(goal, 1),
                        burst_within_goal=total <= goal)
-        log("full sync: %.1f s; burst goal <= 1.3 x full + 5 s = %.1f s: %s" % (
+        log("full sync: %.1f s; earlier burst goal, first upload to all published <= 1.3 x full + 5 s = %.1f s: %s" % (
             full, goal, "met" if total <= goal else "NOT met"))
     finally:
         if started_here:

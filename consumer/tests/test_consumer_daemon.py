@@ -232,3 +232,18 @@ def test_the_fake_broker_is_held_to_the_real_brokers_signatures(daemon):
         daemon.broker.retry_later(None, 1)  # not_before missing
     with pytest.raises(AssertionError, match="FakeBroker lacks Broker.ack"):
         autospecced(type("Incomplete", (), {})())
+
+
+def test_run_started_says_how_long_its_oldest_message_waited_in_the_daemon(daemon, caplog):
+    caplog.set_level(logging.INFO)
+    daemon.runner.auto = False
+    daemon.broker.deliver("alice", event("cvmfs/a"))
+    daemon.clock_value[0] += 0.25
+    daemon.broker.deliver("alice", event("cvmfs/b"))
+    daemon.clock_value[0] += 0.5
+    daemon._start_ready()
+    started(daemon, 1)
+    [record] = logged(caplog, "run_started")
+    assert record["waited"] == 0.75, "received at 1000.0, started at 1000.75"
+    daemon.runner.gate.release()
+    settle(daemon)

@@ -31,6 +31,7 @@ class Pending:
     request: Any = None             # the ProvisionRequest (provisioning)
     attempts: int = 0               # failed runs so far, carried in the message's header
     not_before: float = 0.0         # no run before this time (retry backoff), carried in a header
+    received: Optional[float] = None  # when the daemon got it (its clock): how long it waited for its run
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.keys) if self.keys else len(self.messages)
+
+    def waited(self, now: float) -> Optional[float]:
+        """Seconds the oldest of its messages has waited in the daemon (None: a scheduled run, no message)."""
+        received = [message.received for message in self.messages if message.received is not None]
+        return round(max(0.0, now - min(received)), 3) if received else None
 
 
 @dataclass

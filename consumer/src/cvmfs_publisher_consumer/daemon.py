@@ -278,10 +278,9 @@ class Daemon:
             return
         self.scheduler.add(fqrn, self._pending(delivery, CHANGES, keys=touches.keys))
 
-    @staticmethod
-    def _pending(delivery, kind, **what) -> Pending:
+    def _pending(self, delivery, kind, **what) -> Pending:
         return Pending(ref=delivery, kind=kind, attempts=amqp.attempts_of(delivery.properties),
-                       not_before=amqp.not_before_of(delivery.properties), **what)
+                       not_before=amqp.not_before_of(delivery.properties), received=self.clock(), **what)
 
     # -- runs -----------------------------------------------------------------------------------------------
 
@@ -295,7 +294,8 @@ class Daemon:
                 self.status.provisioning(batch.lane, "started")
             log.info("run started: %s %s", batch.mode, batch.lane,
                      extra=fields(event="run_started", repository=batch.lane, mode=batch.mode,
-                                  messages=len(batch.messages), keys=len(batch.keys)))
+                                  messages=len(batch.messages), keys=len(batch.keys),
+                                  waited=batch.waited(self.clock())))
             self.workers.start(batch)
 
     def _settle_finished(self, timeout: float = 0.0):
