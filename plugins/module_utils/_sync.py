@@ -31,7 +31,6 @@ import hashlib
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs as cvmfs
@@ -300,29 +299,23 @@ def _plan(settings, server, objects, result, observed):
     """Steps 1 and 2 of the module docstring: (plan, the state it was made against); ``observed`` gets what the
     bucket holds for every key looked at."""
     prefix, tarballs = settings.prefix, settings.tarballs
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # A full sync lists the whole bucket whatever the state says: RGW lists while the state file is read.
-        listing = background.submit(_listed, objects, prefix, observed) if settings.mode == "full" else None
-        old_state, why = _store(settings).load()
-        if old_state is not None and settings.mode == "changes":
-            result.mode = "changes"
-            observations = _observe_keys(objects, settings.keys, prefix, settings.concurrency)
-            return sp.plan(old_state, _recorded(observations, observed), prefix, tarballs, complete=False), old_state
-        result.mode = "full"
-        observations = (listing or background.submit(_listed, objects, prefix, observed)).result()
+    old_state, why = _store(settings).load()
+    if old_state is not None and settings.mode == "changes":
+        result.mode = "changes"
+        observations = _observe_keys(objects, settings.keys, prefix, settings.concurrency)
+        return sp.plan(old_state, _recorded(observations, observed), prefix, tarballs, complete=False), old_state
+    result.mode = "full"
     if old_state is not None:
-        return sp.plan(old_state, observations, prefix, tarballs, complete=True), old_state
+        return sp.plan(old_state, _recorded(objects.list(prefix), observed), prefix, tarballs,
+                       complete=True), old_state
     # No trustworthy state: compare the whole bucket with what is published (costs a re-check, never a wrong
     # repository).
     result.state_rebuilt = why
-    listing = dict((obs.key, obs) for obs in observations)
+    listing = {}
+    for obs in _recorded(objects.list(prefix), observed):
+        listing[obs.key] = obs
     old_state = state_from_published(server.union_dir(settings.repository), listing, prefix, tarballs)
     return sp.plan(old_state, listing.values(), prefix, tarballs, complete=True), old_state
-
-
-def _listed(objects, prefix, observed):
-    """Every object under ``prefix`` (a list), noted in ``observed``."""
-    return list(_recorded(objects.list(prefix), observed))
 
 
 def _observe_keys(objects, keys, prefix, concurrency):
