@@ -48,6 +48,8 @@ class StateStore:
             return None, "no state file yet (%s)" % self.path
         except (IOError, OSError) as exc:
             return None, "cannot read state file %s: %s" % (self.path, exc.strerror or exc)
+        except UnicodeDecodeError as exc:
+            return None, "state file %s is not UTF-8 text (%s)" % (self.path, exc.reason)
         return sp.load_state(text, self.identity)
 
     def publishing(self):

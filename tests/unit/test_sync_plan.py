@@ -212,6 +212,17 @@ def test_untrusted_state_is_rejected_with_a_reason(text, reason):
     assert state is None and reason in why
 
 
+def test_a_state_file_that_is_not_utf8_is_untrusted_not_a_crash(tmp_path):
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._sync_state import StateStore
+    store = StateStore(str(tmp_path), "alice.infn.it", IDENTITY)
+    store.save({"cvmfs/a": (MD5, 4, "file")})
+    assert store.load() == ({"cvmfs/a": (MD5, 4, "file")}, None)
+    with open(store.path, "ab") as handle:
+        handle.write(b"\xff\xfe")
+    state, why = store.load()
+    assert state is None and "is not UTF-8 text" in why and store.path in why
+
+
 def test_unchanged_keys_are_not_judged_again_but_a_changed_kind_still_is(monkeypatch):
     """A no-change reconcile does not judge 100,000 keys again: an unchanged object of the same kind is counted
     unchanged without classify(); one whose kind would change (tarball option switched) goes through it."""
