@@ -98,6 +98,107 @@ def test_a_page_in_another_form_reads_as_elementtree_reads_it(variant):
     assert as_tuple(listing.read_page(body)) == reference(body)
 
 
+def read_as_elementtree_does(body):
+    """What the fast reader may do with ``body``: nothing (None), or read it exactly as ElementTree does; and where
+    ElementTree finds the page malformed, read_page must say so too."""
+    try:
+        expected = reference(body)
+    except ElementTree.ParseError:
+        with pytest.raises(ElementTree.ParseError):
+            listing.read_page(body)
+        return None
+    except (AttributeError, TypeError, ValueError):   # well-formed but not a listing: a Contents without its Key
+        assert listing._read_plain(body.decode("utf-8")) is None
+        return None
+    try:
+        fast = listing._read_plain(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        fast = None
+    assert fast is None or as_tuple(fast) == expected
+    return fast
+
+
+A = '<Contents><Key>cvmfs%2Fa</Key><ETag>"e1"</ETag><Size>1</Size></Contents>'
+B = '<Contents><Key>cvmfs%2Fb</Key><ETag>"e2"</ETag><Size>2</Size></Contents>'
+PREFIXED = '<s:%s xmlns:s="' + NS + '">%s</s:%s>'
+# Pages no RGW writes, each hiding or moving something from a reader that would not parse XML (found by review).
+HOSTILE = {
+    "a prefixed Contents": HEAD + "<IsTruncated>false</IsTruncated>" + A
+    + PREFIXED % ("Contents", '<s:Key>cvmfs%2Fb</s:Key><s:ETag>"e2"</s:ETag><s:Size>2</s:Size>', "Contents")
+    + "</ListBucketResult>",
+    "a prefixed IsTruncated before a plain one": HEAD + PREFIXED % ("IsTruncated", "true", "IsTruncated") + A
+    + "<IsTruncated>false</IsTruncated></ListBucketResult>",
+    "prefixed CommonPrefixes": HEAD + "<IsTruncated>false</IsTruncated>" + A
+    + PREFIXED % ("CommonPrefixes", "<s:Prefix>cvmfs%2Fd%2F</s:Prefix>", "CommonPrefixes") + "</ListBucketResult>",
+    "IsTruncated and the token inside another element": HEAD + "<IsTruncated>false</IsTruncated>" + A
+    + "<X><IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken></X></ListBucketResult>",
+    "the listing inside a root of no namespace": "<R>" + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):]
+    + "<IsTruncated>true</IsTruncated>" + A + "<NextContinuationToken>t</NextContinuationToken></ListBucketResult>"
+    "</R>",
+    "a Key from a DTD entity": '<?xml version="1.0"?><!DOCTYPE ListBucketResult [<!ENTITY k "<Key>x</Key>">]>'
+    + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>false</IsTruncated>"
+    + '<Contents><Key>y</Key><ETag>"Y"</ETag><Size>1</Size></Contents><Contents>&k;<ETag>"N"</ETag><Size>2</Size>'
+    "</Contents></ListBucketResult>",
+    "an ETag inside another element of a Contents": HEAD + "<IsTruncated>false</IsTruncated>" + A
+    + '<Contents><Key>cvmfs%2Fb</Key><X><ETag>"f"</ETag></X><Size>2</Size></Contents></ListBucketResult>',
+    "two Keys in one Contents, none in the next": HEAD + "<IsTruncated>false</IsTruncated>"
+    + '<Contents><Key>a</Key><Key>b</Key><ETag>"1"</ETag><Size>1</Size></Contents>'
+    + '<Contents><ETag>"2"</ETag><Size>2</Size></Contents></ListBucketResult>',
+    "a processing instruction holding a Contents": HEAD + "<IsTruncated>false</IsTruncated>" + A + "<?x " + B + "?>"
+    + "</ListBucketResult>",
+    "a processing instruction holding the root": '<?x <ListBucketResult xmlns="' + NS + '">?><ListBucketResult>'
+    + "<IsTruncated>false</IsTruncated>" + A + "</ListBucketResult>",
+    "a Contents in an element of no namespace": HEAD + "<IsTruncated>false</IsTruncated>" + A + '<X xmlns="">' + B
+    + "</X></ListBucketResult>",
+    "a Latin-1 declaration": HEAD.replace("UTF-8", "ISO-8859-1") + "<IsTruncated>false</IsTruncated>"
+    + '<Contents><Key>caf\u00e9</Key><ETag>"\u00e9"</ETag><Size>1</Size></Contents></ListBucketResult>',
+    "a second document after the root": HEAD + "<IsTruncated>false</IsTruncated>" + A + "</ListBucketResult>"
+    + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>false</IsTruncated>" + B
+    + "</ListBucketResult>",
+    "]]> in a text": HEAD + "<IsTruncated>false</IsTruncated>" + A.replace('"e1"', '"e]]>1"') + "</ListBucketResult>",
+    "a control character": HEAD + "<IsTruncated>false</IsTruncated>" + A.replace("cvmfs%2Fa", "cvmfs\x01a")
+    + "</ListBucketResult>",
+    "an undefined entity": HEAD + "<IsTruncated>false</IsTruncated><Name>&foo;</Name>" + A + "</ListBucketResult>",
+    "an Owner in a Contents": HEAD + "<IsTruncated>false</IsTruncated>"
+    + A.replace("</Contents>", "<Owner><ID>u</ID><Key>z</Key></Owner></Contents>") + "</ListBucketResult>",
+    "a NEL in an XML 1.1 page": HEAD.replace("1.0", "1.1") + "<IsTruncated>true</IsTruncated>" + A
+    + "<NextContinuationToken>t\u0085u</NextContinuationToken></ListBucketResult>",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_page_that_hides_or_moves_elements_is_never_read_differently(case):
+    body = HOSTILE[case].encode("utf-8")
+    assert read_as_elementtree_does(body) is None, "%s: must be left to ElementTree" % case
+
+
+FRAGMENTS = ["<X>", "</X>", "<Key>z</Key>", '<ETag>"q"</ETag>', "<Size>9</Size>", "<IsTruncated>true</IsTruncated>",
+             "<NextContinuationToken>n</NextContinuationToken>", "<Contents>", "</Contents>", "<!-- c -->", "<?p x?>",
+             '<s:Key xmlns:s="%s">w</s:Key>' % NS, '<X xmlns="">', "&amp;", "&#34;", " ", "\n", "<Owner><ID>i</ID>"
+             "</Owner>", "<LastModified>t</LastModified>", "<StorageClass>S</StorageClass>", "<Type>Normal</Type>",
+             "<CommonPrefixes><Prefix>p%2F</Prefix></CommonPrefixes>", A, "</ListBucketResult>", "]]>", "\x01"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ENTRIES, st.booleans(), st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(FRAGMENTS)), min_size=1,
+                                        max_size=3))
+def test_a_page_with_fragments_slipped_in_is_read_as_elementtree_reads_it_or_not_at_all(entries, truncated, inserts):
+    text = page_xml(entries, truncated, "cvmfs/t").decode("utf-8")
+    for position, fragment in inserts:   # at a tag boundary, where markup can go
+        boundaries = [index for index, char in enumerate(text) if char == "<"]
+        at = boundaries[position % len(boundaries)]
+        text = text[:at] + fragment + text[at:]
+    read_as_elementtree_does(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("declaration", ['', '<?xml version="1.0" encoding="UTF-8"?>', "<?xml version='1.0'?>\n",
+                                         '<?xml version="1.0" encoding="utf-8" standalone="yes"?>'])
+def test_the_declarations_rgw_and_s3_write_take_the_fast_path(declaration):
+    body = (declaration + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>true</IsTruncated>"
+            + A + B + "<NextContinuationToken>cvmfs/b</NextContinuationToken></ListBucketResult>").encode()
+    assert read_as_elementtree_does(body) is not None
+
+
 def test_a_cut_off_page_is_malformed_not_short():
     body = page_xml([("cvmfs/a", "e1", 1), ("cvmfs/b", "e2", 2)], False, None)
     cut = body[:body.index(b"</Contents>") + len(b"</Contents>")]
