@@ -7,6 +7,7 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -14,6 +15,7 @@ from helpers import run_module, run_playbook
 from sync_repo import MODULE, Repo, sha, standin, tgz
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _cvmfs, _sync, _sync_publish
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import listing
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
 
 
@@ -196,10 +198,14 @@ def test_conflicting_paths_are_refused_not_fatal(repo):
     assert repo.files() == {"a": sha(b"file a")}
 
 
-def test_parallel_listing_by_top_level_folder_sees_exactly_what_one_sequence_sees(repo):
+def test_parallel_listing_by_top_level_folder_sees_exactly_what_one_sequence_sees(repo, monkeypatch):
     """_rgw/objects.py lists a prefix's top-level folders in parallel: the same observations as the page-by-page
     listing, with objects right under the prefix, a folder of more than one page, nested folders, a "//" key and
-    characters that need URL encoding; and nothing outside the prefix."""
+    characters that need URL encoding; and nothing outside the prefix. Every page RGW answers without folders is
+    read by _rgw/listing.py's fast reader (the form it expects is RGW's real one), exactly as ElementTree reads it."""
+    answers = []
+    read_page = listing.read_page
+    monkeypatch.setattr(listing, "read_page", lambda body: answers.append(body) or read_page(body))
     objects = {"cvmfs/big/f%04d" % i: b"%d" % i for i in range(1100)}  # two pages in one folder
     objects.update({"cvmfs/top": b"top", "cvmfs/a/b/c/deep": b"deep", "cvmfs/a/b/d": b"d", "cvmfs//double": b"2",
                     "cvmfs/sp ace+plus/\u00fc%2F": b"odd", "cvmfs/emptydir/": b"", "cvmfsx/not-in": b"no",
@@ -207,14 +213,23 @@ def test_parallel_listing_by_top_level_folder_sees_exactly_what_one_sequence_see
     repo.put_many(objects)
     params = repo.params()
 
-    def listing(concurrency):
+    def observed(concurrency):
         reader = BucketObjects.from_params(params, repo.short, concurrency)
         return sorted((obs.key, obs.etag, obs.size) for obs in reader.list("cvmfs/"))
 
-    sequential = listing(1)
+    sequential = observed(1)
     assert [key for key, _, _ in sequential] == sorted(k for k in objects if k.startswith("cvmfs/"))
-    assert listing(8) == sequential
-    assert listing(2) == sequential
+    assert observed(8) == sequential
+    assert observed(2) == sequential
+    plain = [body for body in answers if b"<CommonPrefixes>" not in body and b"<Contents>" in body]
+    assert len(plain) >= 3 and len(answers) > len(plain), "pages of keys, and delimiter pages"
+    for body in plain:
+        fast = listing._read_plain(body.decode("utf-8"))
+        assert fast is not None, "RGW's answer did not take the fast path: %r" % body[:600]
+        tree = listing._read_tree(ElementTree.fromstring(body))
+        assert [(o.key, o.etag, o.size) for o in fast.observations] == [(o.key, o.etag, o.size)
+                                                                         for o in tree.observations]
+        assert (fast.truncated, fast.token) == (tree.truncated, tree.token)
 
 
 def test_object_deleted_between_listing_and_download(repo, monkeypatch):
