@@ -92,9 +92,26 @@ def free_port():
 
 # -- the bucket and the published tree --------------------------------------------------------------------
 
-def upload_many(s3, bucket, objects, workers=16):
+def upload_many(s3, bucket, objects, workers=16, patience=120):
+    """PUT every object, ``workers`` at once. Each PUT rides out an RGW restart: radosgw 16.2 crashes now and then
+    under the scale-out load and devstack/keepalive.py starts it again. botocore's own retries cannot: one client's
+    retries share a quota (500 tokens, 5 per retry), which dozens of threads meeting "connection refused" at once
+    use up in a second, and then every call fails at once. So a PUT that cannot connect is tried again here, each
+    second, for up to ``patience`` seconds."""
+    from botocore.exceptions import ConnectionError as CannotConnect
+
+    def put(item):
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return s3.put_object(Bucket=bucket, Key=item[0], Body=item[1])
+            except CannotConnect:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda item: s3.put_object(Bucket=bucket, Key=item[0], Body=item[1]), objects.items()))
+        list(pool.map(put, objects.items()))
 
 
 def tarball(members):
