@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import listing
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
-HEAD = '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="%s">' % NS
+DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
+ROOT = '<ListBucketResult xmlns="%s">' % NS
+HEAD = DECLARATION + ROOT
 # XML 1.0 text: no control characters but tab and newline, no surrogates.
 XML_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00",
                                  min_codepoint=0x09).filter(lambda c: c in "\t\n" or ord(c) >= 0x20), max_size=12)
@@ -33,7 +35,7 @@ def page_xml(entries, truncated, token, url_encoded=True):
         ElementTree.SubElement(item, "Size").text = str(size)
     if token is not None:
         ElementTree.SubElement(root, "NextContinuationToken").text = token
-    return b'<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="utf-8",
+    return DECLARATION.encode() + ElementTree.tostring(root, encoding="utf-8",
                                                                             xml_declaration=False)
 
 
@@ -132,11 +134,11 @@ HOSTILE = {
     + PREFIXED % ("CommonPrefixes", "<s:Prefix>cvmfs%2Fd%2F</s:Prefix>", "CommonPrefixes") + "</ListBucketResult>",
     "IsTruncated and the token inside another element": HEAD + "<IsTruncated>false</IsTruncated>" + A
     + "<X><IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken></X></ListBucketResult>",
-    "the listing inside a root of no namespace": "<R>" + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):]
+    "the listing inside a root of no namespace": "<R>" + ROOT
     + "<IsTruncated>true</IsTruncated>" + A + "<NextContinuationToken>t</NextContinuationToken></ListBucketResult>"
     "</R>",
     "a Key from a DTD entity": '<?xml version="1.0"?><!DOCTYPE ListBucketResult [<!ENTITY k "<Key>x</Key>">]>'
-    + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>false</IsTruncated>"
+    + ROOT + "<IsTruncated>false</IsTruncated>"
     + '<Contents><Key>y</Key><ETag>"Y"</ETag><Size>1</Size></Contents><Contents>&k;<ETag>"N"</ETag><Size>2</Size>'
     "</Contents></ListBucketResult>",
     "an ETag inside another element of a Contents": HEAD + "<IsTruncated>false</IsTruncated>" + A
@@ -153,7 +155,7 @@ HOSTILE = {
     "a Latin-1 declaration": HEAD.replace("UTF-8", "ISO-8859-1") + "<IsTruncated>false</IsTruncated>"
     + '<Contents><Key>caf\u00e9</Key><ETag>"\u00e9"</ETag><Size>1</Size></Contents></ListBucketResult>',
     "a second document after the root": HEAD + "<IsTruncated>false</IsTruncated>" + A + "</ListBucketResult>"
-    + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>false</IsTruncated>" + B
+    + ROOT + "<IsTruncated>false</IsTruncated>" + B
     + "</ListBucketResult>",
     "]]> in a text": HEAD + "<IsTruncated>false</IsTruncated>" + A.replace('"e1"', '"e]]>1"') + "</ListBucketResult>",
     "a control character": HEAD + "<IsTruncated>false</IsTruncated>" + A.replace("cvmfs%2Fa", "cvmfs\x01a")
@@ -194,7 +196,7 @@ def test_a_page_with_fragments_slipped_in_is_read_as_elementtree_reads_it_or_not
 @pytest.mark.parametrize("declaration", ['', '<?xml version="1.0" encoding="UTF-8"?>', "<?xml version='1.0'?>\n",
                                          '<?xml version="1.0" encoding="utf-8" standalone="yes"?>'])
 def test_the_declarations_rgw_and_s3_write_take_the_fast_path(declaration):
-    body = (declaration + HEAD[len('<?xml version="1.0" encoding="UTF-8"?>'):] + "<IsTruncated>true</IsTruncated>"
+    body = (declaration + ROOT + "<IsTruncated>true</IsTruncated>"
             + A + B + "<NextContinuationToken>cvmfs/b</NextContinuationToken></ListBucketResult>").encode()
     assert read_as_elementtree_does(body) is not None
 

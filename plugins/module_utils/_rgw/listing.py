@@ -23,6 +23,7 @@ __metaclass__ = type
 
 import re
 from xml.etree import ElementTree
+from xml.sax.saxutils import unescape
 
 try:
     from urllib.parse import unquote_plus
@@ -50,12 +51,12 @@ _READ = ("Contents", "Key", "ETag", "Size", "IsTruncated", "NextContinuationToke
 _REST = re.compile(
     "(?:<\\?xml version=([\"'])1\\.0\\1(?: encoding=([\"'])(?i:utf-8)\\2)?(?: standalone=([\"'])(?:yes|no)\\3)?"
     "[ \\t\\n]*\\?>)?[ \\t\\n]*<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
-    "(?:\\x00|<IsTruncated>(true|false)</IsTruncated>|<NextContinuationToken>(%(t)s)</NextContinuationToken>"
+    "(?:\\x00|<IsTruncated>(?:true|false)</IsTruncated>|<NextContinuationToken>%(t)s</NextContinuationToken>"
     "|<(?!(?:%(read)s)>)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)>%(t)s</(?P=name)>|[ \\t\\n])*"
     "</ListBucketResult>[ \\t\\n]*" % {"t": _TEXT, "read": "|".join(_READ)})
 _REST_FIELDS = re.compile("<IsTruncated>(true|false)</IsTruncated>|<NextContinuationToken>(%s)</NextContinuationToken>"
                           % _TEXT)
-_ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&amp;", "&"))
+_QUOTES = {"&quot;": '"', "&apos;": "'"}   # saxutils.unescape knows &lt; &gt; &amp; (the last one last)
 
 
 class ListingPage:
@@ -75,20 +76,15 @@ def decode_key(text):
 
 
 def _unescape(text):
-    if "&" not in text:
-        return text
-    for entity, char in _ENTITIES:   # "&amp;" last: "&amp;lt;" is "&lt;", not "<"
-        text = text.replace(entity, char)
-    return text
+    return unescape(text, _QUOTES) if "&" in text else text
 
 
 def read_page(body):
     """The ListingPage of a ListObjectsV2 answer (bytes); ElementTree.ParseError when it is not XML."""
     try:
-        text = body.decode("utf-8")
+        page = _read_plain(body.decode("utf-8"))
     except UnicodeDecodeError:
-        text = None
-    page = _read_plain(text) if text is not None else None
+        page = None
     return page if page is not None else _read_tree(ElementTree.fromstring(body))
 
 
