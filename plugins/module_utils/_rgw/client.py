@@ -42,6 +42,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module
     tls_failure,
     with_backoff,
 )
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import transport
 
 # Options (documented once in plugins/doc_fragments/rgw.py)
 RGW_ARGUMENT_SPEC = dict(
@@ -243,6 +244,7 @@ class Connection:
             self.identity = params["assume_role_arn"]
         self._clients = {}
         self._http = None
+        self._signer = transport.Signer(self.region_name)
 
     def client(self, service):
         """The boto3 client for ``service`` ('s3', 'sns', 'sts'), made on first use."""
@@ -268,32 +270,43 @@ class Connection:
         return _session(credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"])
 
     def _http_session(self):
-        """An HTTP session set up as botocore sets up a client's: same TLS verification, timeouts, proxies, pool."""
+        """Where signed requests go: ``_rgw/transport.Transport`` for a direct connection; botocore's own
+        ``URLLib3Session`` (set up as botocore sets up a client's) through a proxy or with a client certificate."""
         if self._http is None:
             config = self.config
-            self._http = URLLib3Session(
-                verify=self.verify,
-                proxies=config.proxies or get_environ_proxies(self.endpoint_url),
-                timeout=(config.connect_timeout, config.read_timeout),
-                max_pool_connections=config.max_pool_connections,
-                client_cert=config.client_cert,
-                proxies_config=config.proxies_config,
-            )
+            proxies = config.proxies or get_environ_proxies(self.endpoint_url)
+            if proxies or config.client_cert:
+                self._http = URLLib3Session(
+                    verify=self.verify, proxies=proxies, timeout=(config.connect_timeout, config.read_timeout),
+                    max_pool_connections=config.max_pool_connections, client_cert=config.client_cert,
+                    proxies_config=config.proxies_config)
+            else:
+                self._http = transport.Transport(self.endpoint_url, self.verify, config.connect_timeout,
+                                                 config.read_timeout, config.max_pool_connections)
         return self._http
 
     def signed_request(self, method, url, operation, stream=False):
-        """Send one SigV4-signed S3 request (credentials from the public ``Session.get_credentials()``).
+        """Send one SigV4-signed S3 request without a body (credentials from the public
+        ``Session.get_credentials()``, refreshed as botocore refreshes them).
 
-        Returns botocore's HTTP response (``stream``: the body is read from ``response.raw``); an HTTP error
-        answer raises a ClientError parsed from RGW's XML, so messages and retries treat it like boto3's own.
+        Returns the HTTP response (``stream``: the body is read from ``response.raw``); an HTTP error answer raises
+        a ClientError parsed from RGW's XML, so messages and retries treat it like boto3's own.
         """
-        request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None, stream_output=stream)
         credentials = self.session.get_credentials()
         if credentials is None:
             from botocore.exceptions import NoCredentialsError
             raise NoCredentialsError()
-        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.region_name).add_auth(request)
-        response = self._http_session().send(request.prepare())
+        http = self._http_session()
+        if isinstance(http, transport.Transport):
+            headers = self._signer.headers(method, url, credentials.get_frozen_credentials())
+            response = http.send(method, url, headers)
+            if not stream or response.status_code >= 300:
+                response.load()
+        else:
+            request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None,
+                                 stream_output=stream)
+            S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.region_name).add_auth(request)
+            response = http.send(request.prepare())
         if response.status_code >= 300:
             if stream:
                 response.raw.close()

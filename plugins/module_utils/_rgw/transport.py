@@ -1,0 +1,283 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""Signed S3 requests without a body (GET, HEAD, DELETE) over a small pool of keep-alive connections: the sync
+engine's hot path (listing pages, HeadObject, and the GetObject of every changed object).
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+
+Why not botocore's HTTP stack: one GetObject through botocore's AWSRequest, its SigV4 signer and urllib3 costs about
+0.8 ms of CPU (some 1,800 Python calls), so copying many small objects was CPU-bound in Python. Here a request is
+signed as botocore's ``S3SigV4Auth`` signs it (``tests/unit/test_rgw_transport.py`` checks that the signatures are
+identical) and sent with the standard library's ``http.client``: about 0.45 ms a GetObject.
+
+``client.Connection`` uses it for direct connections only; with a proxy or a client certificate it keeps botocore's
+``URLLib3Session``. TLS is verified as botocore verifies it (the same CA bundle, host names checked). A connection the
+server closed while it was idle is replaced once, as urllib3 does; every other failure is raised as botocore's own
+exception (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError, SSLError), so
+retries and messages stay those of ``client``.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import datetime
+import hashlib
+import hmac
+import os
+import ssl
+import threading
+
+try:
+    import http.client as httplib
+    from urllib.parse import urlsplit
+except ImportError:  # pragma: no cover - Python 2 module machinery only
+    import httplib  # noqa
+    from urlparse import urlsplit  # noqa
+
+try:
+    from botocore import exceptions as bex
+    from botocore.httpsession import get_cert_path
+except ImportError:  # client.require_boto3 reports it before a Transport is made
+    bex = None
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
+USER_AGENT = "infn_cloud.cvmfs_publisher"
+ERROR_BODY_LIMIT = 64 << 10  # an error answer is read this far (RGW's are a few hundred bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SigV4
+
+
+class Signer:
+    """AWS Signature Version 4 for bodyless S3 requests, exactly as botocore's ``S3SigV4Auth``: the path is signed
+    as sent (S3 does not normalise it), the query's ``key=value`` pairs as sent and sorted, the payload hash is that
+    of the empty body. The day's signing key is kept for the next request."""
+
+    def __init__(self, region, service="s3"):
+        self.region = region
+        self.service = service
+        self._key = (None, None, None)  # (secret key, day, signing key)
+
+    def _signing_key(self, secret_key, day):
+        cached_secret, cached_day, key = self._key
+        if cached_secret != secret_key or cached_day != day:
+            key = ("AWS4" + secret_key).encode("utf-8")
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+            self._key = (secret_key, day, key)
+        return key
+
+    def headers(self, method, url, credentials, now=None):
+        """The headers that sign ``method url`` with ``credentials`` (botocore's frozen credentials)."""
+        parts = urlsplit(url)
+        stamp = (now or datetime.datetime.utcnow()).strftime(SIGV4_TIMESTAMP)
+        day = stamp[:8]
+        signed = [("host", canonical_host(parts)), ("x-amz-content-sha256", EMPTY_SHA256), ("x-amz-date", stamp)]
+        if credentials.token:
+            signed.append(("x-amz-security-token", " ".join(credentials.token.split())))
+        names = ";".join(pair[0] for pair in signed)
+        canonical = "\n".join([
+            method.upper(), parts.path or "/", canonical_query(parts.query),
+            "".join("%s:%s\n" % pair for pair in signed), names, EMPTY_SHA256])
+        scope = "%s/%s/%s/aws4_request" % (day, self.region, self.service)
+        to_sign = "AWS4-HMAC-SHA256\n%s\n%s\n%s" % (stamp, scope,
+                                                    hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+        signature = hmac.new(self._signing_key(credentials.secret_key, day), to_sign.encode("utf-8"),
+                             hashlib.sha256).hexdigest()
+        headers = {"X-Amz-Date": stamp, "X-Amz-Content-SHA256": EMPTY_SHA256,
+                   "Authorization": "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+                       credentials.access_key, scope, names, signature)}
+        if credentials.token:
+            headers["X-Amz-Security-Token"] = credentials.token
+        return headers
+
+
+def canonical_host(parts):
+    """The Host header as botocore signs it: the URL's host and port, without the scheme's default port."""
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host  # an IPv6 literal
+    return host if parts.port in (None, default) else "%s:%d" % (host, parts.port)
+
+
+def canonical_query(query):
+    """The query's pairs as sent, sorted (botocore's ``_canonical_query_string_url``)."""
+    if not query:
+        return ""
+    pairs = sorted(pair.partition("=")[::2] for pair in query.split("&"))
+    return "&".join("%s=%s" % pair for pair in pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Connections
+
+# How a keep-alive connection that the server closed while idle fails on its next request.
+STALE = (httplib.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError,
+         ssl.SSLZeroReturnError)
+
+
+def tls_context(verify):
+    """The SSLContext botocore would use for ``verify`` (a CA bundle file or folder, True for botocore's bundle,
+    False for none: tests only)."""
+    context = ssl.create_default_context()
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    path = get_cert_path(verify)
+    if os.path.isdir(path):
+        context.load_verify_locations(capath=path)
+    else:
+        context.load_verify_locations(cafile=path)
+    return context
+
+
+class Transport:
+    """Keep-alive connections to one endpoint, shared by the threads of a run: a request takes an idle connection
+    (or opens one) and gives it back once its answer is read to the end; at most ``max_idle`` are kept."""
+
+    def __init__(self, endpoint_url, verify=True, connect_timeout=60, read_timeout=60, max_idle=10):
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL: %s" % endpoint_url)
+        self.endpoint_url = endpoint_url
+        self.secure = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.context = tls_context(verify) if self.secure else None
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.max_idle = max(1, max_idle)
+        self._idle = []
+        self._lock = threading.Lock()
+
+    def send(self, method, url, headers):
+        """Send one bodyless request; a ``Response`` whose body is still to be read."""
+        parts = urlsplit(url)
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        headers = dict(headers, **{"User-Agent": USER_AGENT})
+        body = b"" if method not in ("GET", "HEAD") else None
+        for attempt in (1, 2):
+            conn, reused = self._take()
+            try:
+                if conn.sock is None:  # closed after a "Connection: close" answer
+                    self._connect(conn)
+                conn.request(method, target, body=body, headers=headers)
+                return Response(self, conn, conn.getresponse())
+            except STALE as exc:
+                conn.close()
+                if reused and attempt == 1:
+                    continue  # the server closed this idle keep-alive connection: once more on a new one
+                raise self.failure(exc)
+            except (OSError, httplib.HTTPException) as exc:
+                conn.close()
+                raise self.failure(exc)
+            except BaseException:
+                conn.close()
+                raise
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _take(self):
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        conn = (httplib.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout, context=self.context)
+                if self.secure else httplib.HTTPConnection(self.host, self.port, timeout=self.connect_timeout))
+        self._connect(conn)
+        return conn, False
+
+    def _connect(self, conn):
+        try:
+            conn.connect()
+        except ssl.SSLError as exc:
+            conn.close()
+            raise bex.SSLError(endpoint_url=self.endpoint_url, error=exc)
+        except (TimeoutError, OSError) as exc:
+            conn.close()
+            if isinstance(exc, TimeoutError):
+                raise bex.ConnectTimeoutError(endpoint_url=self.endpoint_url, error=exc)
+            raise bex.EndpointConnectionError(endpoint_url=self.endpoint_url, error=exc)
+        conn.sock.settimeout(self.read_timeout)
+
+    def give_back(self, conn):
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def failure(self, exc):
+        """botocore's exception for a failure after the connection was made."""
+        if isinstance(exc, ssl.SSLError):
+            return bex.SSLError(endpoint_url=self.endpoint_url, error=exc)
+        if isinstance(exc, TimeoutError):
+            return bex.ReadTimeoutError(endpoint_url=self.endpoint_url, error=exc)
+        if isinstance(exc, (ConnectionError, httplib.HTTPException)):
+            return bex.ConnectionClosedError(endpoint_url=self.endpoint_url)
+        return bex.HTTPClientError(error=exc)
+
+
+class Response:
+    """What the callers read of botocore's AWSResponse: ``status_code``, ``headers`` (case-insensitive ``get``),
+    ``content`` (the whole body) and ``raw`` (``read(amount)``, ``release_conn()``, ``close()``)."""
+
+    def __init__(self, transport, conn, answer):
+        self.status_code = answer.status
+        self.headers = answer.msg
+        self.raw = Body(transport, conn, answer)
+        self._content = None
+
+    @property
+    def content(self):
+        return self.load()
+
+    def load(self):
+        """Read the whole body (an error answer's first ERROR_BODY_LIMIT bytes) and give the connection back."""
+        if self._content is None:
+            limit = ERROR_BODY_LIMIT if self.status_code >= 300 else None
+            self._content = self.raw.read(limit)
+            self.raw.release_conn()
+        return self._content
+
+
+class Body:
+    """The answer's body; the connection goes back to the pool once the body is read to its end, and is closed
+    when it is given up before."""
+
+    def __init__(self, transport, conn, answer):
+        self._transport, self._conn, self._answer = transport, conn, answer
+
+    def read(self, amount=None):
+        answer = self._answer
+        try:
+            data = answer.read(amount)
+            if not data and amount and answer.length:  # http.client says nothing of a body cut short
+                raise httplib.IncompleteRead(b"", answer.length)
+            return data
+        except (OSError, httplib.HTTPException) as exc:
+            self.close()
+            raise self._transport.failure(exc)
+
+    def release_conn(self):
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._answer.isclosed():
+            self._transport.give_back(conn)
+        else:
+            self._answer.close()
+            conn.close()
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        self._answer.close()
+        if conn is not None:
+            conn.close()

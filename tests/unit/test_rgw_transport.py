@@ -1,0 +1,261 @@
+"""_rgw/transport.py: its SigV4 signatures are botocore's, byte for byte (hypothesis over keys, queries, endpoints
+and session tokens), and its connections behave against a real HTTP server on loopback: kept alive, replaced once
+when the server closed them while idle, and every failure raised as botocore's exception with the operator message
+of ``client.describe_client_error``."""
+import datetime
+import http.server
+import socket
+import threading
+import time
+from types import SimpleNamespace
+from unittest import mock
+
+import botocore.auth
+import botocore.credentials
+import pytest
+from botocore import exceptions as bex
+from botocore.awsrequest import AWSRequest
+from botocore.httpsession import URLLib3Session
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import transport
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
+    ClientError,
+    Connection,
+    describe_client_error,
+    is_retryable,
+)
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
+
+NOW = datetime.datetime(2026, 12, 3, 17, 5, 9)
+
+
+def botocore_headers(method, url, credentials, region, now):
+    """What botocore's S3SigV4Auth adds to the same request."""
+    request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None)
+    with mock.patch.object(botocore.auth, "get_current_datetime", return_value=now):
+        botocore.auth.S3SigV4Auth(credentials, "s3", region).add_auth(request)
+    return {name: request.headers.get(name) for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256",
+                                                         "X-Amz-Security-Token")}
+
+
+def ours(method, url, credentials, region, now):
+    headers = transport.Signer(region).headers(method, url, credentials, now=now)
+    return {name: headers.get(name) for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256",
+                                                 "X-Amz-Security-Token")}
+
+
+def url_of(endpoint, bucket, key=None, query=None):
+    """The URL ``BucketObjects`` sends for this bucket, key and query."""
+    return BucketObjects(bucket, connect=lambda: SimpleNamespace(endpoint_url=endpoint))._url(key, query)
+
+
+ENDPOINTS = st.sampled_from(["http://127.0.0.1:19000", "https://rgw.example.org", "https://rgw.example.org:443",
+                             "http://rgw.example.org:80/", "https://[::1]:8443", "http://localhost:7480"])
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(endpoint=ENDPOINTS, method=st.sampled_from(["GET", "HEAD", "DELETE"]),
+       bucket=st.from_regex(r"[a-z0-9][a-z0-9.-]{2,20}", fullmatch=True), key=st.none() | TEXT,
+       query=st.none() | st.dictionaries(st.sampled_from(["prefix", "continuation-token", "delimiter", "list-type",
+                                                          "max-keys", "encoding-type", "notification"]), TEXT,
+                                         max_size=5),
+       token=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=60),
+       region=st.sampled_from(["default", "us-east-1", "eu-central-1"]))
+def test_the_signature_is_botocores(endpoint, method, bucket, key, query, token, region):
+    credentials = botocore.credentials.Credentials("AKID-example", "secret/example+key", token)
+    url = url_of(endpoint, bucket, key, query)
+    expected = botocore_headers(method, url, credentials, region, NOW)
+    assert ours(method, url, credentials.get_frozen_credentials(), region, NOW) == expected
+
+
+def test_the_signing_key_follows_the_day_and_the_secret():
+    signer = transport.Signer("default")
+    url = url_of("http://127.0.0.1:1", "bucket", "cvmfs/a")
+    for secret, now in (("one", NOW), ("one", NOW + datetime.timedelta(days=1)), ("two", NOW)):
+        credentials = botocore.credentials.Credentials("AKID", secret)
+        assert (signer.headers("GET", url, credentials, now=now)["Authorization"]
+                == botocore_headers("GET", url, credentials, "default", now)["Authorization"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against a real HTTP server on loopback
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    behaviour = "ok"  # set per server
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, status, body, close=False):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"etag"')
+        if close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append((self.command, self.path, self.client_address[1], dict(self.headers)))
+        behaviour = server.behaviour
+        if behaviour == "ok":
+            self._answer(200, b"x" * 5000)
+        elif behaviour == "close-after":
+            self._answer(200, b"body", close=True)
+            self.close_connection = True
+        elif behaviour == "drop-idle":
+            self._answer(200, b"body")
+            self.close_connection = True  # closes without saying so: the client's connection goes stale
+        elif behaviour == "missing":
+            self._answer(404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
+        elif behaviour == "short":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"y" * 10)
+            self.close_connection = True
+        elif behaviour == "slow":
+            time.sleep(1.5)
+            self._answer(200, b"late")
+        elif behaviour == "hang-up":
+            self.close_connection = True  # no answer at all
+
+    do_HEAD = do_GET
+    do_DELETE = do_GET
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.requests = []
+    httpd.behaviour = "ok"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.url = "http://127.0.0.1:%d" % httpd.server_address[1]
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def get(tp, url, method="GET"):
+    response = tp.send(method, url, {"X-Test": "1"})
+    return response.status_code, response.load()
+
+
+def test_requests_share_a_kept_alive_connection(server):
+    tp = transport.Transport(server.url)
+    for _ in range(5):
+        assert get(tp, server.url + "/bucket/key") == (200, b"x" * 5000)
+    assert get(tp, server.url + "/bucket/key", "HEAD") == (200, b"")
+    assert len(set(port for _, _, port, _ in server.requests)) == 1
+    assert server.requests[0][3]["User-Agent"] == transport.USER_AGENT
+    tp.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_once(server):
+    server.behaviour = "drop-idle"
+    tp = transport.Transport(server.url)
+    for _ in range(3):
+        assert get(tp, server.url + "/b/k") == (200, b"body")
+        time.sleep(0.05)  # the server's close reaches us
+    assert len(set(port for _, _, port, _ in server.requests)) == 3
+
+
+def test_a_connection_close_answer_opens_a_new_connection(server):
+    server.behaviour = "close-after"
+    tp = transport.Transport(server.url)
+    assert get(tp, server.url + "/b/k") == (200, b"body")
+    assert get(tp, server.url + "/b/k") == (200, b"body")
+    assert len(server.requests) == 2
+
+
+def test_a_streamed_body_given_up_early_closes_its_connection(server):
+    tp = transport.Transport(server.url)
+    response = tp.send("GET", server.url + "/b/k", {})
+    assert response.raw.read(10) == b"x" * 10
+    response.raw.release_conn()  # not read to its end: the connection cannot serve another request
+    assert tp._idle == []
+    assert get(tp, server.url + "/b/k")[0] == 200
+    assert len(set(port for _, _, port, _ in server.requests)) == 2
+
+
+def test_a_truncated_body_is_a_connection_closed_error(server):
+    server.behaviour = "short"
+    tp = transport.Transport(server.url)
+    response = tp.send("GET", server.url + "/b/k", {})
+    with pytest.raises(bex.ConnectionClosedError) as caught:
+        while response.raw.read(4):
+            pass
+    assert is_retryable(caught.value)
+    assert "Connection was closed before we received a valid response" in describe_client_error(
+        caught.value, "download s3://b/k")
+
+
+def test_a_server_that_hangs_up_without_answering(server):
+    server.behaviour = "hang-up"
+    tp = transport.Transport(server.url)
+    with pytest.raises(bex.ConnectionClosedError) as caught:
+        tp.send("GET", server.url + "/b/k", {})
+    assert is_retryable(caught.value)
+
+
+def test_a_read_timeout(server):
+    server.behaviour = "slow"
+    tp = transport.Transport(server.url, read_timeout=0.3)
+    with pytest.raises(bex.ReadTimeoutError) as caught:
+        tp.send("GET", server.url + "/b/k", {})
+    assert is_retryable(caught.value)
+    assert describe_client_error(caught.value, "download s3://b/k").startswith(
+        "RGW unreachable at %s while trying to download s3://b/k: Read timeout" % server.url)
+
+
+def test_nobody_listening():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    tp = transport.Transport(url)
+    with pytest.raises(bex.EndpointConnectionError) as caught:
+        tp.send("GET", url + "/b/k", {})
+    assert is_retryable(caught.value)
+    assert describe_client_error(caught.value, "list s3://b/cvmfs/").startswith(
+        "RGW unreachable at %s while trying to list s3://b/cvmfs/: Could not connect" % url)
+
+
+def params(url, tmp_path):
+    (tmp_path / "access").write_text("AKID\n")
+    (tmp_path / "secret").write_text("SECRET\n")
+    return dict(endpoint_url=url, access_key_file=str(tmp_path / "access"),
+                secret_key_file=str(tmp_path / "secret"), region="default", validate_certs=True)
+
+
+def test_connection_signs_and_sends_and_reads_an_error_answer(server, tmp_path, monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    rgw = Connection(params(server.url, tmp_path))
+    assert rgw.signed_request("GET", server.url + "/b/k", "GetObject").content == b"x" * 5000
+    headers = server.requests[-1][3]
+    assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKID/")
+    assert "SECRET" not in repr(headers)
+    server.behaviour = "missing"
+    for stream in (False, True):
+        with pytest.raises(ClientError) as caught:
+            rgw.signed_request("GET", server.url + "/b/k", "GetObject", stream=stream)
+        assert describe_client_error(caught.value, "download s3://b/k") == (
+            "RGW failed to download s3://b/k: NoSuchKey: gone (HTTP 404)")
+    assert isinstance(rgw._http_session(), transport.Transport)
+
+
+def test_a_proxy_keeps_botocores_http_stack(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert isinstance(Connection(params("http://rgw.example.org:7480", tmp_path))._http_session(), URLLib3Session)
