@@ -4,7 +4,11 @@ when the server closed them while idle, and every failure raised as botocore's e
 of ``client.describe_client_error``."""
 import datetime
 import http.server
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -24,6 +28,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
     ClientError,
     Connection,
     describe_client_error,
+    environ_proxies,
     is_retryable,
 )
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
@@ -259,3 +264,34 @@ def test_a_proxy_keeps_botocores_http_stack(server, tmp_path, monkeypatch):
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     assert isinstance(Connection(params("http://rgw.example.org:7480", tmp_path))._http_session(), URLLib3Session)
+
+
+def test_a_sync_with_static_keys_never_imports_botocores_session_or_http_stack(server, tmp_path):
+    """The tenth of a second of imports a sync run no longer pays: checked in a fresh interpreter."""
+    script = (
+        "import sys, json\n"
+        "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync\n"
+        "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import Connection\n"
+        "rgw = Connection(json.loads(sys.argv[1]))\n"
+        "assert rgw.signed_request('GET', sys.argv[2], 'GetObject').content == b'x' * 5000\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'urllib3', 's3transfer')\n"
+        "             or m in ('botocore.session', 'botocore.config', 'botocore.httpsession', 'botocore.auth')))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(params(server.url, tmp_path)),
+                          server.url + "/b/k"], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_static_credentials_never_show_the_secret():
+    credentials = transport.Credentials("AKID", "the-secret", "the-token")
+    assert "the-secret" not in repr(credentials) and "the-token" not in repr(credentials)
+    assert "the-secret" not in str(credentials)
+
+
+def test_no_proxy_covers_the_endpoint(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "rgw.example.org")
+    assert environ_proxies("http://rgw.example.org:7480") == {}
+    assert environ_proxies("http://other.example.org:7480")["http"] == "http://proxy.invalid:3128"

@@ -16,14 +16,17 @@ import time
 import traceback
 
 try:
-    # botocore alone: boto3's Session would import s3transfer too (a fifth of a module run's import time).
-    import botocore.session
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.config import Config
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+except ImportError:  # pragma: no cover - Python 2 module machinery only
+    from urllib import getproxies, proxy_bypass  # noqa
+    from urlparse import urlsplit  # noqa
+
+try:
+    # Only botocore's exceptions at import time. The rest of botocore (session, Config, its HTTP stack: a tenth of a
+    # second of every module run) is imported when a boto3 client, AssumeRole or a proxy needs it: a sync run with
+    # static keys signs and sends its requests itself (_rgw/transport.py) and never imports it.
     from botocore.exceptions import BotoCoreError, ClientError
-    from botocore.httpsession import URLLib3Session
-    from botocore.utils import get_environ_proxies
     HAS_BOTO3 = True
     BOTO3_IMPORT_ERROR = None
 except ImportError:
@@ -62,6 +65,7 @@ RGW_MUTUALLY_EXCLUSIVE = [["access_key", "access_key_file"], ["secret_key", "sec
 
 DEFAULT_MAX_POOL_CONNECTIONS = 10
 DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_TIMEOUT_S = 60  # botocore's connect and read timeouts
 
 # ---------------------------------------------------------------------------------------------------------------
 # Error codes worth another attempt: throttling and transient server errors (amazon.aws AWSRetry.found list).
@@ -216,7 +220,19 @@ def client_config(max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempt
         s3={"addressing_style": "path"},
     )
     options.update(overrides)
+    from botocore.config import Config
     return Config(**options)
+
+
+def environ_proxies(url):
+    """The proxies the environment sets for ``url`` (none when NO_PROXY covers it): botocore's
+    ``get_environ_proxies``, without importing botocore.utils."""
+    try:
+        if proxy_bypass(urlsplit(url).netloc):
+            return {}
+    except (TypeError, OSError):
+        pass
+    return getproxies()
 
 
 class Connection:
@@ -234,17 +250,51 @@ class Connection:
         require_boto3()
         self.endpoint_url = params["endpoint_url"]
         self.verify = _verify(params)
-        self.config = client_config(max_pool_connections, max_attempts, **config_overrides)
         self.region_name = params.get("region") or "default"
         self.identity = secret_option(params, "access_key", "RGW access key")  # a key id names the identity
-        self.session = _session(self.identity, secret_option(params, "secret_key", "RGW secret key"),
-                                params.get("session_token") or None)
+        secret_key = secret_option(params, "secret_key", "RGW secret key")
+        token = params.get("session_token") or None
+        self._pool_size = max_pool_connections
+        self._config_args = (max_pool_connections, max_attempts, config_overrides)
+        self._config = None
+        # Static keys sign requests as they are; anything else goes through a botocore session (its credential
+        # chain, refreshed as botocore refreshes it), made on first use.
+        self._static = transport.Credentials(self.identity, secret_key, token) if self.identity and secret_key \
+            else None
+        self._session_credentials = (self.identity, secret_key, token)
+        self._session = None
         if params.get("assume_role_arn"):
-            self.session = self._assumed_role_session(params)
+            self._session = self._assumed_role_session(params)
+            self._static = None
             self.identity = params["assume_role_arn"]
         self._clients = {}
         self._http = None
         self._signer = transport.Signer(self.region_name)
+
+    @property
+    def config(self):
+        """botocore's Config for this connection's clients (``client_config``), made on first use."""
+        if self._config is None:
+            max_pool_connections, max_attempts, overrides = self._config_args
+            self._config = client_config(max_pool_connections, max_attempts, **overrides)
+        return self._config
+
+    @property
+    def session(self):
+        """The botocore session behind the boto3 clients (and the credentials when they are not static keys)."""
+        if self._session is None:
+            self._session = _session(*self._session_credentials)
+        return self._session
+
+    def credentials(self):
+        """The frozen credentials a request is signed with; NoCredentialsError when there are none."""
+        if self._static is not None:
+            return self._static
+        credentials = self.session.get_credentials()
+        if credentials is None:
+            from botocore.exceptions import NoCredentialsError
+            raise NoCredentialsError()
+        return credentials.get_frozen_credentials()
 
     def client(self, service):
         """The boto3 client for ``service`` ('s3', 'sns', 'sts'), made on first use."""
@@ -273,39 +323,39 @@ class Connection:
         """Where signed requests go: ``_rgw/transport.Transport`` for a direct connection; botocore's own
         ``URLLib3Session`` (set up as botocore sets up a client's) through a proxy or with a client certificate."""
         if self._http is None:
-            config = self.config
-            proxies = config.proxies or get_environ_proxies(self.endpoint_url)
-            if proxies or config.client_cert:
+            overrides = self._config_args[2]
+            proxies = overrides.get("proxies") or environ_proxies(self.endpoint_url)
+            if proxies or overrides.get("client_cert"):
+                from botocore.httpsession import URLLib3Session
+                config = self.config
                 self._http = URLLib3Session(
                     verify=self.verify, proxies=proxies, timeout=(config.connect_timeout, config.read_timeout),
                     max_pool_connections=config.max_pool_connections, client_cert=config.client_cert,
                     proxies_config=config.proxies_config)
             else:
-                self._http = transport.Transport(self.endpoint_url, self.verify, config.connect_timeout,
-                                                 config.read_timeout, config.max_pool_connections)
+                self._http = transport.Transport(
+                    self.endpoint_url, self.verify, overrides.get("connect_timeout", DEFAULT_TIMEOUT_S),
+                    overrides.get("read_timeout", DEFAULT_TIMEOUT_S), self._pool_size)
         return self._http
 
     def signed_request(self, method, url, operation, stream=False):
-        """Send one SigV4-signed S3 request without a body (credentials from the public
-        ``Session.get_credentials()``, refreshed as botocore refreshes them).
+        """Send one SigV4-signed S3 request without a body (``credentials()``).
 
         Returns the HTTP response (``stream``: the body is read from ``response.raw``); an HTTP error answer raises
         a ClientError parsed from RGW's XML, so messages and retries treat it like boto3's own.
         """
-        credentials = self.session.get_credentials()
-        if credentials is None:
-            from botocore.exceptions import NoCredentialsError
-            raise NoCredentialsError()
+        credentials = self.credentials()
         http = self._http_session()
         if isinstance(http, transport.Transport):
-            headers = self._signer.headers(method, url, credentials.get_frozen_credentials())
-            response = http.send(method, url, headers)
+            response = http.send(method, url, self._signer.headers(method, url, credentials))
             if not stream or response.status_code >= 300:
                 response.load()
         else:
+            from botocore.auth import S3SigV4Auth
+            from botocore.awsrequest import AWSRequest
             request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None,
                                  stream_output=stream)
-            S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.region_name).add_auth(request)
+            S3SigV4Auth(credentials, "s3", self.region_name).add_auth(request)
             response = http.send(request.prepare())
         if response.status_code >= 300:
             if stream:
@@ -320,6 +370,7 @@ class Connection:
 
 def _session(access_key, secret_key, session_token):
     """A botocore session with these credentials, or (all None) botocore's usual credential chain."""
+    import botocore.session
     session = botocore.session.Session()
     if access_key or secret_key or session_token:
         session.set_credentials(access_key, secret_key, session_token)

@@ -22,6 +22,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import collections
 import datetime
 import hashlib
 import hmac
@@ -38,7 +39,6 @@ except ImportError:  # pragma: no cover - Python 2 module machinery only
 
 try:
     from botocore import exceptions as bex
-    from botocore.httpsession import get_cert_path
 except ImportError:  # client.require_boto3 reports it before a Transport is made
     bex = None
 
@@ -50,6 +50,14 @@ ERROR_BODY_LIMIT = 64 << 10  # an error answer is read this far (RGW's are a few
 
 # ---------------------------------------------------------------------------------------------------------------
 # SigV4
+
+
+class Credentials(collections.namedtuple("Credentials", "access_key secret_key token")):
+    """Static keys, read as botocore's frozen credentials are."""
+    __slots__ = ()
+
+    def __repr__(self):  # never the secret
+        return "Credentials(access_key=%r)" % (self.access_key,)
 
 
 class Signer:
@@ -129,6 +137,7 @@ def tls_context(verify):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
+    from botocore.httpsession import get_cert_path  # botocore's bundle (certifi's when installed)
     path = get_cert_path(verify)
     if os.path.isdir(path):
         context.load_verify_locations(capath=path)
