@@ -23,6 +23,7 @@ from botocore.httpsession import URLLib3Session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import transport
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     ClientError,
@@ -295,3 +296,11 @@ def test_no_proxy_covers_the_endpoint(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "rgw.example.org")
     assert environ_proxies("http://rgw.example.org:7480") == {}
     assert environ_proxies("http://other.example.org:7480")["http"] == "http://proxy.invalid:3128"
+
+
+def test_a_missing_ca_bundle_is_a_clear_error(tmp_path):
+    rgw = Connection(dict(params("https://127.0.0.1:1", tmp_path), ca_bundle=str(tmp_path / "no-such-ca.pem")))
+    with pytest.raises(PublisherError) as caught:
+        rgw.signed_request("GET", "https://127.0.0.1:1/b/k", "GetObject")
+    assert caught.value.msg == ("cannot set up TLS for RGW at https://127.0.0.1:1 with ca_bundle %s: No such file or "
+                                "directory" % (tmp_path / "no-such-ca.pem"))

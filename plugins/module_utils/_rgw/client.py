@@ -333,9 +333,13 @@ class Connection:
                     max_pool_connections=config.max_pool_connections, client_cert=config.client_cert,
                     proxies_config=config.proxies_config)
             else:
-                self._http = transport.Transport(
-                    self.endpoint_url, self.verify, overrides.get("connect_timeout", DEFAULT_TIMEOUT_S),
-                    overrides.get("read_timeout", DEFAULT_TIMEOUT_S), self._pool_size)
+                try:
+                    self._http = transport.Transport(
+                        self.endpoint_url, self.verify, overrides.get("connect_timeout", DEFAULT_TIMEOUT_S),
+                        overrides.get("read_timeout", DEFAULT_TIMEOUT_S), self._pool_size)
+                except (IOError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    raise PublisherError("cannot set up TLS for RGW at %s with ca_bundle %s: %s"
+                                         % (self.endpoint_url, self.verify, getattr(exc, "strerror", None) or exc))
         return self._http
 
     def signed_request(self, method, url, operation, stream=False):

@@ -82,7 +82,7 @@ class Signer:
     def headers(self, method, url, credentials, now=None):
         """The headers that sign ``method url`` with ``credentials`` (botocore's frozen credentials)."""
         parts = urlsplit(url)
-        stamp = (now or datetime.datetime.utcnow()).strftime(SIGV4_TIMESTAMP)
+        stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime(SIGV4_TIMESTAMP)
         day = stamp[:8]
         signed = [("host", canonical_host(parts)), ("x-amz-content-sha256", EMPTY_SHA256), ("x-amz-date", stamp)]
         if credentials.token:
