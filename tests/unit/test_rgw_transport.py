@@ -304,3 +304,28 @@ def test_a_missing_ca_bundle_is_a_clear_error(tmp_path):
         rgw.signed_request("GET", "https://127.0.0.1:1/b/k", "GetObject")
     assert caught.value.msg == ("cannot set up TLS for RGW at https://127.0.0.1:1 with ca_bundle %s: No such file or "
                                 "directory" % (tmp_path / "no-such-ca.pem"))
+
+
+def test_an_ipv6_endpoint_without_a_port_connects_to_the_schemes_port():
+    assert (transport.Transport("http://[::1]").host, transport.Transport("http://[::1]").port) == ("::1", 80)
+    assert transport.Transport("https://[2001:db8::10]", verify=False).port == 443
+
+
+def test_idle_connections_the_server_closed_are_all_skipped(server):
+    """A pool full of connections the server closed while idle (its keep-alive timeout): the next request still
+    succeeds at its first attempt, however many there are."""
+    server.behaviour = "drop-idle"
+    tp = transport.Transport(server.url, max_idle=16)
+    responses = [tp.send("GET", server.url + "/b/k", {}) for _ in range(16)]
+    for response in responses:
+        assert response.load() == b"body"
+    assert len(tp._idle) == 16
+    time.sleep(0.1)  # the server's closes reach us
+    assert get(tp, server.url + "/b/k") == (200, b"body")
+
+
+def test_a_ca_bundle_is_the_only_trust(tmp_path):
+    """As with botocore: a ca_bundle replaces the trust store, it does not add to it."""
+    end = "-----END CERTIFICATE-----\n"
+    (tmp_path / "one.pem").write_text(open(transport.default_ca_bundle()).read().split(end)[0] + end)
+    assert transport.tls_context(str(tmp_path / "one.pem")).cert_store_stats()["x509_ca"] == 1

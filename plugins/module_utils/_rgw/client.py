@@ -325,7 +325,9 @@ class Connection:
         if self._http is None:
             overrides = self._config_args[2]
             proxies = overrides.get("proxies") or environ_proxies(self.endpoint_url)
-            if proxies or overrides.get("client_cert"):
+            # botocore proxies a request only when its scheme has a proxy (ProxyConfiguration.proxy_url_for):
+            # NO_PROXY alone, or an http proxy with an https endpoint, is a direct connection.
+            if proxies.get(urlsplit(self.endpoint_url).scheme) or overrides.get("client_cert"):
                 from botocore.httpsession import URLLib3Session
                 config = self.config
                 self._http = URLLib3Session(

@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import hmac
 import os
+import select
 import ssl
 import threading
 
@@ -124,21 +125,44 @@ def canonical_query(query):
 # ---------------------------------------------------------------------------------------------------------------
 # Connections
 
+
+def dropped(sock):
+    """True when an idle keep-alive connection can no longer be used: its socket is readable while no request is
+    in flight, so the server closed it (or sent what nobody asked for). urllib3's ``is_connection_dropped``."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 # How a keep-alive connection that the server closed while idle fails on its next request.
 STALE = (httplib.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError,
          ssl.SSLZeroReturnError)
 
 
+def default_ca_bundle():
+    """botocore's default CA bundle (``botocore.httpsession.where``): certifi's when installed, else its own; without
+    importing botocore.httpsession (and urllib3 with it)."""
+    try:
+        from certifi import where
+        return where()
+    except ImportError:
+        import botocore
+        return os.path.join(os.path.dirname(botocore.__file__), "cacert.pem")
+
+
 def tls_context(verify):
     """The SSLContext botocore would use for ``verify`` (a CA bundle file or folder, True for botocore's bundle,
-    False for none: tests only)."""
-    context = ssl.create_default_context()
+    False for none: tests only). Only that bundle is trusted, as with botocore: not the system's store
+    (``ssl.create_default_context`` would add it, and Python 3.13's strict X.509 flags)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, host names checked
     if verify is False:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    from botocore.httpsession import get_cert_path  # botocore's bundle (certifi's when installed)
-    path = get_cert_path(verify)
+    path = default_ca_bundle() if verify is True else verify
     if os.path.isdir(path):
         context.load_verify_locations(capath=path)
     else:
@@ -156,7 +180,8 @@ class Transport:
             raise ValueError("not an http(s) URL: %s" % endpoint_url)
         self.endpoint_url = endpoint_url
         self.secure = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
+        # An explicit port always: http.client would read "[::1]" as host ":" port 1.
+        self.host, self.port = parts.hostname, parts.port or (443 if self.secure else 80)
         self.context = tls_context(verify) if self.secure else None
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_idle = max(1, max_idle)
@@ -170,7 +195,7 @@ class Transport:
         headers = dict(headers, **{"User-Agent": USER_AGENT})
         body = b"" if method not in ("GET", "HEAD") else None
         for attempt in (1, 2):
-            conn, reused = self._take()
+            conn, reused = self._take() if attempt == 1 else (self._new(), False)
             try:
                 if conn.sock is None:  # closed after a "Connection: close" answer
                     self._connect(conn)
@@ -184,6 +209,10 @@ class Transport:
             except (OSError, httplib.HTTPException) as exc:
                 conn.close()
                 raise self.failure(exc)
+            except ValueError:  # a header value http.client refuses; never its text: it holds the key or token
+                conn.close()
+                raise bex.HTTPClientError(error="a request header was refused: an access key or session token with "
+                                                "a line break or a character outside Latin-1") from None
             except BaseException:
                 conn.close()
                 raise
@@ -195,13 +224,21 @@ class Transport:
             conn.close()
 
     def _take(self):
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+        """An idle connection the server has not closed meanwhile (those are dropped), else a new one."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new(), False
+            if conn.sock is None or not dropped(conn.sock):
+                return conn, True
+            conn.close()
+
+    def _new(self):
         conn = (httplib.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout, context=self.context)
                 if self.secure else httplib.HTTPConnection(self.host, self.port, timeout=self.connect_timeout))
         self._connect(conn)
-        return conn, False
+        return conn
 
     def _connect(self, conn):
         try:
@@ -225,11 +262,11 @@ class Transport:
 
     def failure(self, exc):
         """botocore's exception for a failure after the connection was made."""
-        if isinstance(exc, ssl.SSLError):
+        if isinstance(exc, ssl.SSLCertVerificationError):
             return bex.SSLError(endpoint_url=self.endpoint_url, error=exc)
         if isinstance(exc, TimeoutError):
             return bex.ReadTimeoutError(endpoint_url=self.endpoint_url, error=exc)
-        if isinstance(exc, (ConnectionError, httplib.HTTPException)):
+        if isinstance(exc, (ConnectionError, httplib.HTTPException, ssl.SSLError)):  # a TLS stream cut short
             return bex.ConnectionClosedError(endpoint_url=self.endpoint_url)
         return bex.HTTPClientError(error=exc)
 
