@@ -12,10 +12,11 @@ signed as botocore's ``S3SigV4Auth`` signs it (``tests/unit/test_rgw_transport.p
 identical) and sent with the standard library's ``http.client``: about 0.45 ms a GetObject.
 
 ``client.Connection`` uses it for direct connections only; with a proxy or a client certificate it keeps botocore's
-``URLLib3Session``. TLS is verified as botocore verifies it (the same CA bundle, host names checked). A connection the
-server closed while it was idle is replaced once, as urllib3 does; every other failure is raised as botocore's own
-exception (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError, SSLError), so
-retries and messages stay those of ``client``.
+``URLLib3Session``. TLS is verified as botocore verifies it (only the CA bundle botocore would use, host names
+checked). An idle connection the server has closed is skipped before reuse, and one that fails before its answer
+is retried once on a new connection, as urllib3 does; every other failure is raised as botocore's own exception
+(EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError, SSLError), so retries and
+messages stay those of ``client``.
 """
 
 from __future__ import absolute_import, division, print_function
