@@ -329,3 +329,13 @@ def test_a_ca_bundle_is_the_only_trust(tmp_path):
     end = "-----END CERTIFICATE-----\n"
     (tmp_path / "one.pem").write_text(open(transport.default_ca_bundle()).read().split(end)[0] + end)
     assert transport.tls_context(str(tmp_path / "one.pem")).cert_store_stats()["x509_ca"] == 1
+
+
+@pytest.mark.parametrize("endpoint", ["rgw.example.org:7480", "ftp://rgw.example.org", "http://"])
+def test_an_endpoint_that_is_not_an_http_url_is_named_as_such(endpoint, tmp_path, monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(PublisherError) as caught:
+        Connection(params(endpoint, tmp_path)).signed_request("GET", endpoint + "/b/k", "GetObject")
+    assert caught.value.msg == ("cannot send requests to RGW: endpoint_url %s is not an http:// or https:// URL"
+                                % endpoint)

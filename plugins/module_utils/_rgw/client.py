@@ -254,8 +254,8 @@ class Connection:
         self.identity = secret_option(params, "access_key", "RGW access key")  # a key id names the identity
         secret_key = secret_option(params, "secret_key", "RGW secret key")
         token = params.get("session_token") or None
-        self._pool_size = max_pool_connections
-        self._config_args = (max_pool_connections, max_attempts, config_overrides)
+        self._max_pool_connections, self._max_attempts = max_pool_connections, max_attempts
+        self._overrides = config_overrides
         self._config = None
         # Static keys sign requests as they are; anything else goes through a botocore session (its credential
         # chain, refreshed as botocore refreshes it), made on first use.
@@ -275,8 +275,7 @@ class Connection:
     def config(self):
         """botocore's Config for this connection's clients (``client_config``), made on first use."""
         if self._config is None:
-            max_pool_connections, max_attempts, overrides = self._config_args
-            self._config = client_config(max_pool_connections, max_attempts, **overrides)
+            self._config = client_config(self._max_pool_connections, self._max_attempts, **self._overrides)
         return self._config
 
     @property
@@ -323,7 +322,7 @@ class Connection:
         """Where signed requests go: ``_rgw/transport.Transport`` for a direct connection; botocore's own
         ``URLLib3Session`` (set up as botocore sets up a client's) through a proxy or with a client certificate."""
         if self._http is None:
-            overrides = self._config_args[2]
+            overrides = self._overrides
             proxies = overrides.get("proxies") or environ_proxies(self.endpoint_url)
             # botocore proxies a request only when its scheme has a proxy (ProxyConfiguration.proxy_url_for):
             # NO_PROXY alone, or an http proxy with an https endpoint, is a direct connection.
@@ -338,8 +337,10 @@ class Connection:
                 try:
                     self._http = transport.Transport(
                         self.endpoint_url, self.verify, overrides.get("connect_timeout", DEFAULT_TIMEOUT_S),
-                        overrides.get("read_timeout", DEFAULT_TIMEOUT_S), self._pool_size)
-                except (IOError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                        overrides.get("read_timeout", DEFAULT_TIMEOUT_S), self._max_pool_connections)
+                except ValueError as exc:
+                    raise PublisherError("cannot send requests to RGW: endpoint_url %s" % exc)
+                except (IOError, OSError) as exc:  # ssl.SSLError is an OSError
                     raise PublisherError("cannot set up TLS for RGW at %s with ca_bundle %s: %s"
                                          % (self.endpoint_url, self.verify, getattr(exc, "strerror", None) or exc))
         return self._http

@@ -178,7 +178,7 @@ class Transport:
     def __init__(self, endpoint_url, verify=True, connect_timeout=60, read_timeout=60, max_idle=10):
         parts = urlsplit(endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("not an http(s) URL: %s" % endpoint_url)
+            raise ValueError("%s is not an http:// or https:// URL" % endpoint_url)
         self.endpoint_url = endpoint_url
         self.secure = parts.scheme == "https"
         # An explicit port always: http.client would read "[::1]" as host ":" port 1.
@@ -202,20 +202,15 @@ class Transport:
                     self._connect(conn)
                 conn.request(method, target, body=body, headers=headers)
                 return Response(self, conn, conn.getresponse())
-            except STALE as exc:
+            except BaseException as exc:
                 conn.close()
-                if reused and attempt == 1:
+                if isinstance(exc, STALE) and reused and attempt == 1:
                     continue  # the server closed this idle keep-alive connection: once more on a new one
-                raise self.failure(exc)
-            except (OSError, httplib.HTTPException) as exc:
-                conn.close()
-                raise self.failure(exc)
-            except ValueError:  # a header value http.client refuses; never its text: it holds the key or token
-                conn.close()
-                raise bex.HTTPClientError(error="a request header was refused: an access key or session token with "
-                                                "a line break or a character outside Latin-1") from None
-            except BaseException:
-                conn.close()
+                if isinstance(exc, (OSError, httplib.HTTPException)):
+                    raise self.failure(exc)
+                if isinstance(exc, ValueError):  # a header value http.client refuses; never its text: the key or token
+                    raise bex.HTTPClientError(error="a request header was refused: an access key or session token "
+                                                    "with a line break or a character outside Latin-1") from None
                 raise
 
     def close(self):
@@ -245,14 +240,16 @@ class Transport:
         try:
             conn.connect()
         except ssl.SSLError as exc:
-            conn.close()
-            raise bex.SSLError(endpoint_url=self.endpoint_url, error=exc)
-        except (TimeoutError, OSError) as exc:
-            conn.close()
-            if isinstance(exc, TimeoutError):
-                raise bex.ConnectTimeoutError(endpoint_url=self.endpoint_url, error=exc)
-            raise bex.EndpointConnectionError(endpoint_url=self.endpoint_url, error=exc)
-        conn.sock.settimeout(self.read_timeout)
+            failure = bex.SSLError(endpoint_url=self.endpoint_url, error=exc)
+        except TimeoutError as exc:
+            failure = bex.ConnectTimeoutError(endpoint_url=self.endpoint_url, error=exc)
+        except OSError as exc:
+            failure = bex.EndpointConnectionError(endpoint_url=self.endpoint_url, error=exc)
+        else:
+            conn.sock.settimeout(self.read_timeout)
+            return
+        conn.close()
+        raise failure
 
     def give_back(self, conn):
         with self._lock:
