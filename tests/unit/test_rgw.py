@@ -1,14 +1,13 @@
 """module_utils/_rgw/ (client, topic, notification) and the rgw_* modules without RGW: pure logic directly, RGW
-calls through botocore's Stubber with answers copied from the real RGW 16.2 of the local stack, and the modules'
-argument handling."""
+calls with answers copied from the real RGW 16.2 of the local stack, and the modules' argument handling."""
 import json
+from xml.sax.saxutils import escape
 
 import pytest
 from ansible.module_utils.testing import patch_module_args
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-from botocore.stub import Stubber
 
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client, notification, topic
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import client, notification, sns, topic
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_bucket_notification, rgw_topic
 
@@ -302,144 +301,268 @@ def test_connect_reports_an_unreadable_secret_file(tmp_path):
         client.connect(params(secret_key=None, secret_key_file=str(tmp_path / "missing")), "sns")
 
 
-# -- topic operations with a stubbed RGW ----------------------------------------------------------------------
+# -- topic and notification operations against scripted RGW answers ------------------------------------------------
+# The answers are those of the real RGW 16.2 of the local stack (its XML as sent). _rgw/transport.py's tests check
+# that the requests are signed as botocore signs them; the integration tests send them to RGW.
 
-def stubbed_client(service):
-    """A connection of the module_utils' own making whose ``service`` client answers what the test says
-    (connection.stub)."""
-    connection = client.Connection(params())
-    with Stubber(connection.client(service)) as stub:
-        connection.stub = stub
-        yield connection
-        stub.assert_no_pending_responses()
+SNS_NS = ' xmlns="https://sns.amazonaws.com/doc/2010-03-31/"'
+META = "<ResponseMetadata><RequestId>490fb6bc.4108.1</RequestId></ResponseMetadata>"
+
+
+def sns_answer(action, result=""):
+    body = "<%sResult>%s</%sResult>" % (action, result, action) if result else ""
+    return "<%sResponse%s>%s%s</%sResponse>" % (action, SNS_NS, body, META, action)
+
+
+def error_answer(code, bucket=None):
+    return ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>%s</Code><Message></Message>%s'
+            "<RequestId>tx0000-default</RequestId><HostId>100c-default-default</HostId></Error>"
+            % (code, "<BucketName>%s</BucketName>" % bucket if bucket else ""))
+
+
+def topics_answer(*arns):
+    """ListTopics as RGW 16.2 answers it (each member also carries User, Name, EndPoint, OpaqueData)."""
+    members = "".join("<member><User></User><Name>%s</Name><EndPoint><EndpointAddress>amqp://127.0.0.1:22010"
+                      "</EndpointAddress></EndPoint><TopicArn>%s</TopicArn><OpaqueData></OpaqueData></member>"
+                      % (arn.rsplit(":", 1)[-1], arn) for arn in arns)
+    return sns_answer("ListTopics", "<Topics>%s</Topics>" % members)
+
+
+def attributes_answer(attributes):
+    entries = "".join("<entry><key>%s</key><value>%s</value></entry>" % (escape(key), escape(value))
+                      for key, value in attributes.items())
+    return sns_answer("GetTopicAttributes", "<Attributes>%s</Attributes>" % entries)
+
+
+class Answer:
+    def __init__(self, status, content):
+        self.status_code, self.content = status, content.encode("utf-8")
+
+
+class ScriptedRgw(client.Connection):
+    """A connection of the module_utils' own making whose signed requests get the answers a test scripted, in
+    order: (operation, HTTP status, XML). The requests it was sent are in ``sent``."""
+
+    def __init__(self):
+        super().__init__(params())
+        self.script, self.sent = [], []
+
+    def answer(self, operation, content, status=200):
+        self.script.append((operation, status, content))
+
+    def signed_request(self, method, url, operation, stream=False, body=None, content_type=None, service="s3"):
+        self.sent.append(dict(method=method, url=url, operation=operation, body=body, content_type=content_type,
+                              service=service))
+        assert self.script, "unexpected %s" % operation
+        expected, status, content = self.script.pop(0)
+        assert operation == expected
+        if status >= 300:
+            raise client.client_error_from_http(Answer(status, content), operation)
+        return Answer(status, content)
 
 
 @pytest.fixture
-def sns():
-    yield from stubbed_client("sns")
+def rgw():
+    connection = ScriptedRgw()
+    yield connection
+    assert not connection.script, "answers left: %s" % connection.script
 
 
-def expect_lookup(sns, attributes):
+def expect_lookup(rgw, attributes):
     """ListTopics (with RGW's duplicate internal entry) then GetTopicAttributes, or its NoSuchEntity."""
-    sns.stub.add_response("list_topics", {"Topics": [{"TopicArn": ARN}, {"TopicArn": ARN},
-                                                     {"TopicArn": "arn:aws:sns:default::alice2"}]})
+    rgw.answer("ListTopics", topics_answer(ARN, ARN, "arn:aws:sns:default::alice2"))
     if attributes is None:
-        sns.stub.add_client_error("get_topic_attributes", service_error_code="NoSuchEntity", http_status_code=404)
+        rgw.answer("GetTopicAttributes", error_answer("NoSuchEntity"), 404)
     else:
-        sns.stub.add_response("get_topic_attributes", {"Attributes": attributes}, {"TopicArn": ARN})
+        rgw.answer("GetTopicAttributes", attributes_answer(attributes))
 
 
-def test_ensure_topic_unchanged_sends_a_persistent_topic_again_for_its_queue(sns):
+def test_sns_requests_are_the_query_protocols_form():
+    """What botocore's SNS client sends for CreateTopic: the form, percent-encoded, attributes as entries."""
+    body = sns.form("CreateTopic", [("Name", "alice")] + sns.attribute_fields(
+        {"push-endpoint": "amqp://u:p@mq:5672/v h", "OpaqueData": "a=b&c"}))
+    assert body == (b"Action=CreateTopic&Version=2010-03-31&Name=alice&Attributes.entry.1.key=push-endpoint&"
+                    b"Attributes.entry.1.value=amqp%3A%2F%2Fu%3Ap%40mq%3A5672%2Fv%20h&"
+                    b"Attributes.entry.2.key=OpaqueData&Attributes.entry.2.value=a%3Db%26c")
+
+
+def test_list_topics_follows_next_token(rgw):
+    rgw.answer("ListTopics", sns_answer("ListTopics", "<Topics><member><TopicArn>arn:aws:sns:default::a"
+                                                      "</TopicArn></member></Topics><NextToken>t2</NextToken>"))
+    rgw.answer("ListTopics", topics_answer(ARN))
+    rgw.answer("GetTopicAttributes", attributes_answer(REAL_ATTRIBUTES))
+    assert topic.find_topic(rgw, "alice") == (ARN, REAL_ATTRIBUTES)
+    assert rgw.sent[1]["body"] == b"Action=ListTopics&Version=2010-03-31&NextToken=t2"
+    assert {(sent["method"], sent["url"], sent["service"], sent["content_type"]) for sent in rgw.sent} == {
+        ("POST", ENDPOINT + "/", "sns", "application/x-www-form-urlencoded; charset=utf-8")}
+
+
+def test_ensure_topic_unchanged_sends_a_persistent_topic_again_for_its_queue(rgw):
     """Nothing changes (changed=False), but a persistent topic's attributes are sent again: RGW re-creates the
     topic's queue if another user's DeleteTopic removed it (tests/integration/test_tenants.py shows that on RGW)."""
-    expect_lookup(sns, REAL_ATTRIBUTES)
-    sns.stub.add_response("create_topic", {"TopicArn": ARN}, {
-        "Name": "alice", "Attributes": topic.topic_create_attributes(topic.desired_topic(topic_params()))})
-    result = topic.ensure_topic(sns, topic_params(), check_mode=False)
+    expect_lookup(rgw, REAL_ATTRIBUTES)
+    rgw.answer("CreateTopic", sns_answer("CreateTopic", "<TopicArn>%s</TopicArn>" % ARN))
+    result = topic.ensure_topic(rgw, topic_params(), check_mode=False)
     assert result["changed"] is False and result["arn"] == ARN
     assert result["notifications_need_refresh"] is False and result["changed_attributes"] == []
+    assert rgw.sent[-1]["body"] == sns.form("CreateTopic", [("Name", "alice")] + sns.attribute_fields(
+        topic.topic_create_attributes(topic.desired_topic(topic_params()))))
 
 
-def test_ensure_topic_unchanged_in_check_mode_sends_nothing(sns):
-    expect_lookup(sns, REAL_ATTRIBUTES)
-    result = topic.ensure_topic(sns, topic_params(), check_mode=True)
+def test_ensure_topic_unchanged_in_check_mode_sends_nothing(rgw):
+    expect_lookup(rgw, REAL_ATTRIBUTES)
+    result = topic.ensure_topic(rgw, topic_params(), check_mode=True)
     assert result["changed"] is False and result["arn"] == ARN
 
 
-def test_ensure_topic_update_says_notifications_need_refresh(sns):
-    expect_lookup(sns, REAL_ATTRIBUTES)
-    sns.stub.add_response("create_topic", {"TopicArn": ARN})
-    result = topic.ensure_topic(sns, topic_params(persistent=False), check_mode=False)
+def test_ensure_topic_update_says_notifications_need_refresh(rgw):
+    expect_lookup(rgw, REAL_ATTRIBUTES)
+    rgw.answer("CreateTopic", sns_answer("CreateTopic", "<TopicArn>%s</TopicArn>" % ARN))
+    result = topic.ensure_topic(rgw, topic_params(persistent=False), check_mode=False)
     assert result["changed"] and result["notifications_need_refresh"]
     assert result["changed_attributes"] == ["persistent"]
     assert result["diff"]["before"]["persistent"] is True and result["diff"]["after"]["persistent"] is False
 
 
-def test_ensure_topic_check_mode_predicts_the_arn_and_writes_nothing(sns):
-    expect_lookup(sns, None)  # only a stale internal entry left by an earlier DeleteTopic
-    result = topic.ensure_topic(sns, topic_params(), check_mode=True)
+def test_ensure_topic_check_mode_predicts_the_arn_and_writes_nothing(rgw):
+    expect_lookup(rgw, None)  # only a stale internal entry left by an earlier DeleteTopic
+    result = topic.ensure_topic(rgw, topic_params(), check_mode=True)
     assert result["changed"] and result["arn"] == ARN and result["diff"]["before"] is None
 
 
-def test_ensure_topic_absent(sns):
-    expect_lookup(sns, REAL_ATTRIBUTES)
-    sns.stub.add_response("delete_topic", {}, {"TopicArn": ARN})
-    result = topic.ensure_topic(sns, topic_params(state="absent"), check_mode=False)
+def test_ensure_topic_absent(rgw):
+    expect_lookup(rgw, REAL_ATTRIBUTES)
+    rgw.answer("DeleteTopic", sns_answer("DeleteTopic"))
+    result = topic.ensure_topic(rgw, topic_params(state="absent"), check_mode=False)
     assert result["changed"] and result["diff"]["after"] is None
+    assert rgw.sent[-1]["body"] == (b"Action=DeleteTopic&Version=2010-03-31&"
+                                    b"TopicArn=arn%3Aaws%3Asns%3Adefault%3A%3Aalice")
 
 
-def test_credentials_over_http_get_a_message_that_says_so(sns):
-    expect_lookup(sns, None)
-    sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
+def test_credentials_over_http_get_a_message_that_says_so(rgw):
+    expect_lookup(rgw, None)
+    rgw.answer("CreateTopic", error_answer("InvalidInput"), 400)
     with pytest.raises(PublisherError) as caught:
-        topic.ensure_topic(sns, topic_params(push_endpoint="amqp://rgw:s3cr3t@mq:5672"), check_mode=False)
+        topic.ensure_topic(rgw, topic_params(push_endpoint="amqp://rgw:s3cr3t@mq:5672"), check_mode=False)
     assert caught.value.msg.startswith(
         "RGW refused the topic: credentials in push_endpoint must be sent over HTTPS to RGW (endpoint_url is "
         "http://127.0.0.1:18000)")
     assert "s3cr3t" not in caught.value.msg
 
 
-def test_topic_read_refused_over_http_mentions_stored_secrets(sns):
-    sns.stub.add_client_error("list_topics", service_error_code="AccessDenied", http_status_code=403)
+def test_topic_read_refused_over_http_mentions_stored_secrets(rgw):
+    rgw.answer("ListTopics", error_answer("AccessDenied"), 403)
     with pytest.raises(PublisherError) as caught:
-        topic.ensure_topic(sns, topic_params(), check_mode=False)
-    assert caught.value.msg.startswith("access denied while trying to list topics")
+        topic.ensure_topic(rgw, topic_params(), check_mode=False)
+    assert caught.value.msg.startswith("access denied while trying to list topics: RGW identity 'AK' lacks "
+                                       "sns:ListTopics (AccessDenied (HTTP 403))")
     assert caught.value.msg.endswith("RGW also refuses topic reads over http when a topic stores push_endpoint "
                                      "credentials (use an https endpoint_url)")
 
 
-def test_other_400_is_not_blamed_on_credentials(sns):
-    expect_lookup(sns, None)
-    sns.stub.add_client_error("create_topic", service_error_code="InvalidInput", http_status_code=400)
+def test_other_400_is_not_blamed_on_credentials(rgw):
+    expect_lookup(rgw, None)
+    rgw.answer("CreateTopic", error_answer("InvalidInput"), 400)
     with pytest.raises(PublisherError, match="^RGW failed to create topic alice: InvalidInput"):
-        topic.ensure_topic(sns, topic_params(), check_mode=False)
+        topic.ensure_topic(rgw, topic_params(), check_mode=False)
 
 
-# -- bucket notification operations with a stubbed RGW ----------------------------------------------------------
-
-AUDIT = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3:ObjectCreated:Put"]}
-
-
-@pytest.fixture
-def s3():
-    yield from stubbed_client("s3")
+def test_a_transient_error_is_tried_again(rgw, monkeypatch):
+    monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
+    rgw.answer("ListTopics", error_answer("ServiceUnavailable"), 503)
+    expect_lookup(rgw, REAL_ATTRIBUTES)
+    assert topic.find_topic(rgw, "alice")[0] == ARN
 
 
-def test_notification_unchanged_when_only_event_order_differs(s3):
-    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [AUDIT, RGW_CONFIG]})
-    result = notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+def test_an_answer_that_is_not_xml_is_a_clear_error(rgw):
+    rgw.answer("ListTopics", "<html>proxy error</h")
+    with pytest.raises(PublisherError, match=r"^RGW failed to list topics: MalformedAnswer: the answer is not XML "
+                                             r"\(unclosed token: line 1, column 17\) \(HTTP 200\)$"):
+        topic.ensure_topic(rgw, topic_params(), check_mode=False)
+
+
+AUDIT = {"Id": "audit", "TopicArn": "arn:aws:sns:default::audit", "Events": ["s3:ObjectCreated:Put"],
+         "Filter": {"Metadata": {"FilterRules": [{"Name": "x-amz-meta-team", "Value": "cms"}]}}}
+# GetBucketNotificationConfiguration of RGW 16.2 (no namespace; the Filter before the Events; RGW's own sections).
+AUDIT_XML = ("<TopicConfiguration><Id>audit</Id><Topic>arn:aws:sns:default::audit</Topic><Filter><S3Key/>"
+             "<S3Metadata><FilterRule><Name>x-amz-meta-team</Name><Value>cms</Value></FilterRule></S3Metadata>"
+             "<S3Tags/></Filter><Event>s3:ObjectCreated:Put</Event></TopicConfiguration>")
+MINE_XML = ("<TopicConfiguration><Id>cvmfs-publisher</Id><Topic>arn:aws:sns:default::alice</Topic><Filter><S3Key>"
+            "<FilterRule><Name>prefix</Name><Value>cvmfs/</Value></FilterRule></S3Key></Filter>"
+            "<Event>s3:ObjectRemoved:*</Event><Event>s3:ObjectCreated:*</Event></TopicConfiguration>")
+
+
+def configuration_answer(*configurations):
+    return "<NotificationConfiguration>%s</NotificationConfiguration>" % "".join(configurations)
+
+
+def test_notification_configurations_read_as_boto3_reads_them():
+    assert notification.parse_topic_configurations(configuration_answer(AUDIT_XML, MINE_XML).encode()) == [
+        AUDIT, RGW_CONFIG]
+
+
+def test_notification_unchanged_when_only_event_order_differs(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer(AUDIT_XML, MINE_XML))
+    result = notification.ensure_bucket_notification(rgw, notification_params(), check_mode=False)
     assert result["changed"] is False and result["other_ids"] == ["audit"]
+    assert rgw.sent[0]["method"] == "GET" and rgw.sent[0]["url"] == ENDPOINT + "/alice?notification"
 
 
-def test_notification_added_next_to_other_ids(s3):
-    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [AUDIT]})
-    expected = dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"])
-    s3.stub.add_response("put_bucket_notification_configuration", {}, {
-        "Bucket": "alice", "NotificationConfiguration": {"TopicConfigurations": [AUDIT, expected]}})
-    result = notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+def test_notification_added_next_to_other_ids_keeps_their_filters(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer(AUDIT_XML))
+    rgw.answer("PutBucketNotificationConfiguration", "")
+    result = notification.ensure_bucket_notification(rgw, notification_params(), check_mode=False)
     assert result["changed"] and result["diff"]["before"] is None
     assert result["notification"]["events"] == ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+    put = rgw.sent[-1]
+    assert (put["method"], put["url"]) == ("PUT", ENDPOINT + "/alice?notification")
+    assert put["body"] == (
+        b'<NotificationConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><TopicConfiguration>'
+        b"<Id>audit</Id><Topic>arn:aws:sns:default::audit</Topic><Event>s3:ObjectCreated:Put</Event><Filter>"
+        b"<S3Metadata><FilterRule><Name>x-amz-meta-team</Name><Value>cms</Value></FilterRule></S3Metadata></Filter>"
+        b"</TopicConfiguration><TopicConfiguration><Id>cvmfs-publisher</Id><Topic>arn:aws:sns:default::alice</Topic>"
+        b"<Event>s3:ObjectCreated:*</Event><Event>s3:ObjectRemoved:*</Event><Filter><S3Key><FilterRule><Name>prefix"
+        b"</Name><Value>cvmfs/</Value></FilterRule></S3Key></Filter></TopicConfiguration></NotificationConfiguration>")
+    assert notification.parse_topic_configurations(put["body"]) == [
+        AUDIT, dict(RGW_CONFIG, Events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"])]
 
 
-def test_notification_check_mode_writes_nothing(s3):
-    s3.stub.add_response("get_bucket_notification_configuration", {"TopicConfigurations": [RGW_CONFIG]})
-    result = notification.ensure_bucket_notification(s3, notification_params(prefix="other/"), check_mode=True)
+def test_notification_topic_change_deletes_the_id_first(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer(MINE_XML))
+    rgw.answer("DeleteBucketNotification", "")
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer())
+    rgw.answer("PutBucketNotificationConfiguration", "")
+    new_arn = "arn:aws:sns:default::alice-v2"
+    result = notification.ensure_bucket_notification(rgw, notification_params(topic_arn=new_arn), check_mode=False)
+    assert result["changed"] and result["notification"]["topic_arn"] == new_arn
+    assert rgw.sent[1]["method"] == "DELETE" and rgw.sent[1]["url"] == ENDPOINT + "/alice?notification=cvmfs-publisher"
+
+
+def test_notification_check_mode_writes_nothing(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer(MINE_XML))
+    result = notification.ensure_bucket_notification(rgw, notification_params(prefix="other/"), check_mode=True)
     assert result["changed"]
     assert result["diff"]["before"]["prefix"] == "cvmfs/" and result["diff"]["after"]["prefix"] == "other/"
 
 
-def test_missing_bucket_is_named(s3):
-    s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
-                             http_status_code=404)
+def test_missing_bucket_is_named(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", error_answer("NoSuchBucket", "alice"), 404)
     with pytest.raises(PublisherError, match="^bucket 'alice' does not exist at http://127.0.0.1:18000"):
-        notification.ensure_bucket_notification(s3, notification_params(), check_mode=False)
+        notification.ensure_bucket_notification(rgw, notification_params(), check_mode=False)
 
 
-def test_absent_on_a_missing_bucket_is_no_change(s3):
-    s3.stub.add_client_error("get_bucket_notification_configuration", service_error_code="NoSuchBucket",
-                             http_status_code=404)
-    result = notification.ensure_bucket_notification(s3, notification_params(state="absent"), check_mode=False)
+def test_absent_on_a_missing_bucket_is_no_change(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", error_answer("NoSuchBucket", "alice"), 404)
+    result = notification.ensure_bucket_notification(rgw, notification_params(state="absent"), check_mode=False)
     assert result["changed"] is False and result["bucket_exists"] is False
+
+
+def test_a_refused_notification_write_says_what_rgw_said(rgw):
+    rgw.answer("GetBucketNotificationConfiguration", configuration_answer())
+    rgw.answer("PutBucketNotificationConfiguration", error_answer("MalformedXML", "alice"), 400)
+    with pytest.raises(PublisherError, match=r"^RGW failed to write the notification configuration of bucket "
+                                             r"alice: MalformedXML \(HTTP 400\)$"):
+        notification.ensure_bucket_notification(rgw, notification_params(), check_mode=False)
 
 
 # -- modules: argument handling and secrets ---------------------------------------------------------------------

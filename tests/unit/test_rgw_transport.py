@@ -86,6 +86,31 @@ def test_the_signing_key_follows_the_day_and_the_secret():
                 == botocore_headers("GET", url, credentials, "default", now)["Authorization"])
 
 
+SIGNED = ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token", "Content-Type")
+
+
+@settings(max_examples=200, deadline=None)
+@given(endpoint=ENDPOINTS, body=st.binary(max_size=300), token=st.none() | st.text(
+           st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=60),
+       region=st.sampled_from(["default", "us-east-1"]),
+       query=st.sampled_from(["", "?notification", "?notification=cvmfs-publisher"]),
+       content_type=st.none() | st.sampled_from(["application/xml", "text/plain;  charset=utf-8"]))
+def test_a_request_with_a_body_is_signed_as_botocore_signs_it(endpoint, body, token, region, query, content_type):
+    """S3 (S3SigV4Auth: the payload's hash sent and signed) and RGW's SNS API (SigV4Auth: a form POST, its
+    Content-Type signed), the payload hash being the body's."""
+    credentials = botocore.credentials.Credentials("AKID-example", "secret/example+key", token)
+    for service, method, url, auth in (
+            ("s3", "PUT", endpoint.rstrip("/") + "/bucket" + query, botocore.auth.S3SigV4Auth),
+            ("sns", "POST", endpoint.rstrip("/") + "/", botocore.auth.SigV4Auth)):
+        request = AWSRequest(method=method, url=url, data=body,
+                             headers={"Content-Type": content_type} if content_type else None)
+        with mock.patch.object(botocore.auth, "get_current_datetime", return_value=NOW):
+            auth(credentials, service, region).add_auth(request)
+        headers = transport.Signer(region, service).headers(method, url, credentials.get_frozen_credentials(),
+                                                             now=NOW, body=body, content_type=content_type)
+        assert {name: headers.get(name) for name in SIGNED} == {name: request.headers.get(name) for name in SIGNED}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Against a real HTTP server on loopback
 
@@ -267,11 +292,14 @@ def test_a_proxy_keeps_botocores_http_stack(server, tmp_path, monkeypatch):
     assert isinstance(Connection(params("http://rgw.example.org:7480", tmp_path))._http_session(), URLLib3Session)
 
 
-def test_a_sync_with_static_keys_never_imports_botocores_session_or_http_stack(server, tmp_path):
-    """The tenth of a second of imports a sync run no longer pays: checked in a fresh interpreter."""
+def test_static_keys_never_import_botocores_session_or_http_stack(server, tmp_path):
+    """The tenth of a second of imports a sync run (or rgw_topic, rgw_bucket_notification) no longer pays: checked
+    in a fresh interpreter."""
     script = (
         "import sys, json\n"
         "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils import _sync\n"
+        "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_topic\n"
+        "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.modules import rgw_bucket_notification\n"
         "from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import Connection\n"
         "rgw = Connection(json.loads(sys.argv[1]))\n"
         "assert rgw.signed_request('GET', sys.argv[2], 'GetObject').content == b'x' * 5000\n"

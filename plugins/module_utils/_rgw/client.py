@@ -269,7 +269,7 @@ class Connection:
             self.identity = params["assume_role_arn"]
         self._clients = {}
         self._http = None
-        self._signer = transport.Signer(self.region_name)
+        self._signers = {}
 
     @property
     def config(self):
@@ -345,8 +345,8 @@ class Connection:
                                          % (self.endpoint_url, self.verify, getattr(exc, "strerror", None) or exc))
         return self._http
 
-    def signed_request(self, method, url, operation, stream=False):
-        """Send one SigV4-signed S3 request without a body (``credentials()``).
+    def signed_request(self, method, url, operation, stream=False, body=None, content_type=None, service="s3"):
+        """Send one SigV4-signed request (``credentials()``) to ``service``'s API: S3's by default, or 'sns'.
 
         Returns the HTTP response (``stream``: the body is read from ``response.raw``); an HTTP error answer raises
         a ClientError parsed from RGW's XML, so messages and retries treat it like boto3's own.
@@ -354,15 +354,20 @@ class Connection:
         credentials = self.credentials()
         http = self._http_session()
         if isinstance(http, transport.Transport):
-            response = http.send(method, url, self._signer.headers(method, url, credentials))
+            signer = self._signers.get(service)
+            if signer is None:
+                signer = self._signers[service] = transport.Signer(self.region_name, service)
+            response = http.send(method, url, signer.headers(method, url, credentials, body=body,
+                                                             content_type=content_type), body)
             if not stream or response.status_code >= 300:
                 response.load()
         else:
-            from botocore.auth import S3SigV4Auth
+            from botocore.auth import S3SigV4Auth, SigV4Auth
             from botocore.awsrequest import AWSRequest
-            request = AWSRequest(method=method, url=url, data=b"" if method != "GET" else None,
-                                 stream_output=stream)
-            S3SigV4Auth(credentials, "s3", self.region_name).add_auth(request)
+            request = AWSRequest(method=method, url=url, stream_output=stream,
+                                 data=body if body is not None else (b"" if method != "GET" else None),
+                                 headers={"Content-Type": content_type} if content_type else None)
+            (S3SigV4Auth if service == "s3" else SigV4Auth)(credentials, service, self.region_name).add_auth(request)
             response = http.send(request.prepare())
         if response.status_code >= 300:
             if stream:
@@ -391,13 +396,14 @@ def connect(params, service, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, 
 
 
 def client_error_from_http(response, operation):
-    """A ClientError from a raw S3 XML error answer, so ``describe_client_error`` handles it like the others."""
+    """A ClientError from a raw XML error answer (S3's ``<Error>``, SNS's ``<ErrorResponse><Error>``, with or
+    without a namespace), so ``describe_client_error`` handles it like the others."""
     from xml.etree import ElementTree
     code, message = "", ""
     try:
         root = ElementTree.fromstring(response.content or b"<Error/>")
-        code = root.findtext("Code") or ""
-        message = root.findtext("Message") or ""
+        code = root.findtext(".//{*}Code") or ""
+        message = root.findtext(".//{*}Message") or ""
     except ElementTree.ParseError:
         pass
     return ClientError({"Error": {"Code": code or str(response.status_code), "Message": message},

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
-"""RGW topics (its SNS API): attribute normalisation and comparison, the calls, and ``rgw_topic``'s ensure logic.
+"""RGW topics: attribute normalisation and comparison, the calls (``_rgw/sns.py``), and ``rgw_topic``'s ensure logic.
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 """
@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - Python 2 module machinery only
     from urlparse import urlsplit, urlunsplit  # noqa
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._module import PublisherError
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import sns
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import (
     ACCESS_KEY_ERROR_CODES,
     BotoCoreError,
@@ -175,21 +176,19 @@ def find_topic(rgw, name):
     """
     candidates = []
     try:
-        kwargs = {}
+        next_token = None
         while True:
-            page = rgw.client("sns").list_topics(**kwargs)
-            for entry in page.get("Topics") or []:
-                arn = entry.get("TopicArn", "")
+            arns, next_token = sns.list_topics(rgw, next_token)
+            for arn in arns:
                 if arn.rsplit(":", 1)[-1] == name and arn not in candidates:
                     candidates.append(arn)
-            if not page.get("NextToken"):
+            if not next_token:
                 break
-            kwargs["NextToken"] = page["NextToken"]
     except (BotoCoreError, ClientError) as exc:
         raise _topic_read_error(exc, "list topics", rgw)
     for arn in candidates:
         try:
-            return arn, rgw.client("sns").get_topic_attributes(TopicArn=arn)["Attributes"]
+            return arn, sns.get_topic_attributes(rgw, arn)
         except ClientError as exc:
             if error_code(exc) in ("NotFound", "NoSuchEntity", "NoSuchKey") or error_status(exc) == 404:
                 continue
@@ -212,7 +211,7 @@ def _topic_read_error(exc, action, rgw):
 def create_topic(rgw, name, topic):
     """Create or update (RGW's CreateTopic overwrites) a topic; returns its ARN."""
     try:
-        return rgw.client("sns").create_topic(Name=name, Attributes=topic_create_attributes(topic))["TopicArn"]
+        return sns.create_topic(rgw, name, topic_create_attributes(topic))
     except ClientError as exc:
         endpoint_url = rgw.endpoint_url
         if (error_status(exc) == 400 and endpoint_url.lower().startswith("http://")
@@ -228,7 +227,7 @@ def create_topic(rgw, name, topic):
 
 def delete_topic(rgw, arn):
     try:
-        rgw.client("sns").delete_topic(TopicArn=arn)
+        sns.delete_topic(rgw, arn)
     except (BotoCoreError, ClientError) as exc:
         raise rgw.failure(exc, "delete topic %s" % arn)
 

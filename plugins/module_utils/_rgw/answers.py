@@ -1,0 +1,42 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to infn_cloud.cvmfs_publisher
+# Apache License 2.0
+"""Reading RGW's XML answers where the collection sends its own requests (``_rgw/sns.py``,
+``_rgw/notification.py``): elements found by their local name, whatever the namespace (RGW's S3 answers carry
+S3's, its SNS answers SNS's), and an answer that is not XML reported as a ClientError.
+
+FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from xml.etree import ElementTree
+
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import ClientError
+
+
+def parse(content, operation):
+    """The root element of an answer to ``operation``. One that is not XML is a ClientError (code MalformedAnswer,
+    not retried) that the callers report as any other RGW failure: botocore raised a bare ResponseParserError."""
+    try:
+        return ElementTree.fromstring(content)
+    except ElementTree.ParseError as exc:
+        raise ClientError({"Error": {"Code": "MalformedAnswer", "Message": "the answer is not XML (%s)" % exc},
+                           "ResponseMetadata": {"HTTPStatusCode": 200}}, operation)
+
+
+def local_name(tag):
+    return tag.rsplit("}", 1)[-1]
+
+
+def children(element, name):
+    """The children of ``element`` (None: none) called ``name``, in any namespace."""
+    return [child for child in element if local_name(child.tag) == name] if element is not None else []
+
+
+def text(element, name):
+    """The text of the first child called ``name``: '' when it is empty, None when there is none."""
+    found = children(element, name)
+    return (found[0].text or "") if found else None
