@@ -146,3 +146,31 @@ def test_upload_reaches_the_queue_through_the_three_modules(stack, s3, unique_na
         connection.close()
     keys = [record["s3"]["object"]["key"] for body in bodies for record in json.loads(body)["Records"]]
     assert keys == ["cvmfs/hello.txt"]
+
+
+def test_another_ids_rgw_filters_survive_the_merge(stack, s3, bucket_and_topics):
+    """RGW's own filter sections (S3Metadata, S3Tags), which boto3 cannot read or write, of another tool's
+    notification are put back as they were when the module merges its own notification in (a Put merges by Id:
+    the other Id's entry is overwritten with what is sent)."""
+    from pathlib import Path
+
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import Connection
+    from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.notification import bucket_url
+
+    bucket, topic, other_topic, _ = bucket_and_topics
+    rgw = Connection(dict(endpoint_url=stack["RGW_ENDPOINT"], region=stack["RGW_REGION"],
+                          access_key=Path(stack["RGW_ACCESS_KEY_FILE"]).read_text().strip(),
+                          secret_key=Path(stack["RGW_SECRET_KEY_FILE"]).read_text().strip(),
+                          ca_bundle=stack.get("CA_CERT_FILE") or None))
+    url = bucket_url(rgw, bucket, "notification")
+    filters = ("<S3Metadata><FilterRule><Name>x-amz-meta-team</Name><Value>cms</Value></FilterRule></S3Metadata>"
+               "<S3Tags><FilterRule><Name>stage</Name><Value>final</Value></FilterRule></S3Tags>")
+    rgw.signed_request("PUT", url, "PutBucketNotificationConfiguration", body=(
+        '<NotificationConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><TopicConfiguration><Id>audit'
+        "</Id><Topic>%s</Topic><Event>s3:ObjectCreated:Put</Event><Filter>%s</Filter></TopicConfiguration>"
+        "</NotificationConfiguration>" % (other_topic, filters)).encode())
+
+    rc, created = run_module(MODULE, dict(CONNECTION, bucket=bucket, topic_arn=topic))
+    assert rc == 0 and created["changed"] and created["other_ids"] == ["audit"], created
+    answer = rgw.signed_request("GET", url, "GetBucketNotificationConfiguration").content.decode()
+    assert answer.count("<TopicConfiguration>") == 2 and filters in answer, answer

@@ -278,27 +278,24 @@ def test_jittered_backoff_extra_codes_and_success():
 
 # -- clients ----------------------------------------------------------------------------------------------------
 
-def test_connect_builds_a_client_with_the_collection_settings(tmp_path):
+def test_a_connection_keeps_the_collection_settings_for_botocore(tmp_path):
+    """What STS (AssumeRole) and a proxied HTTP stack get from botocore: the Config and the session's keys."""
     secret = tmp_path / "secret"
     secret.write_text("from-file\n")
     connection = client.Connection(params(secret_key=None, secret_key_file=str(secret), ca_bundle="/etc/ca.pem"),
                                    max_pool_connections=32, max_attempts=7)
-    s3 = connection.client("s3")
-    assert connection.client("s3") is s3, "one client per service and connection"
-    config = s3.meta.config
-    assert s3.meta.endpoint_url == ENDPOINT
-    assert s3.meta.region_name == "default"
-    assert config.retries == {"mode": "standard", "total_max_attempts": 8}  # botocore: 7 retries + the first try
+    config = connection.config
+    assert config.retries == {"mode": "standard", "max_attempts": 7}
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert config.max_pool_connections == 32
     assert connection.session.get_credentials().secret_key == "from-file"
-    assert s3._endpoint.http_session._verify == "/etc/ca.pem"
+    assert connection.credentials().secret_key == "from-file" and connection.verify == "/etc/ca.pem"
 
 
-def test_connect_reports_an_unreadable_secret_file(tmp_path):
+def test_a_connection_reports_an_unreadable_secret_file(tmp_path):
     with pytest.raises(PublisherError, match="cannot read RGW secret key from .*/missing"):
-        client.connect(params(secret_key=None, secret_key_file=str(tmp_path / "missing")), "sns")
+        client.Connection(params(secret_key=None, secret_key_file=str(tmp_path / "missing")))
 
 
 # -- topic and notification operations against scripted RGW answers ------------------------------------------------

@@ -2,7 +2,8 @@
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
 """The RGW client: options, connection (static keys or AssumeRole), error classification, retries, and the one
-helper that sends a signed request boto3 has no operation for.
+helper every call goes through: ``Connection.signed_request`` (S3 and SNS requests signed as botocore signs them,
+sent by ``_rgw/transport.py``).
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 """
@@ -238,11 +239,11 @@ def environ_proxies(url):
 class Connection:
     """One RGW endpoint with one set of credentials, from the ``rgw`` doc-fragment options.
 
-    Static credentials come from ``access_key``/``secret_key`` (or their ``_file`` options), else boto3's usual
-    chain. With ``assume_role_arn`` those credentials only call STS AssumeRole; the clients use the role's.
-    ``max_attempts`` is botocore's: retries after the first try. ``max_pool_connections`` sizes the HTTP pool (set
-    it to the number of parallel transfers). ``config_overrides`` go into botocore's Config (e.g. ``read_timeout``).
-    Clients are made once per service; ``signed_request`` sends what boto3 has no operation (or no fast path) for.
+    Static credentials come from ``access_key``/``secret_key`` (or their ``_file`` options), else botocore's usual
+    chain. With ``assume_role_arn`` those credentials only call STS AssumeRole (botocore's STS client, with
+    ``max_attempts``: retries after the first try); the requests are signed with the role's. ``max_pool_connections``
+    sizes the HTTP pool (set it to the number of parallel transfers). ``config_overrides`` go into botocore's Config
+    (``connect_timeout``, ``read_timeout``, ``proxies``, ``client_cert``). Every request is a ``signed_request``.
     """
 
     def __init__(self, params, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS,
@@ -267,20 +268,19 @@ class Connection:
             self._session = self._assumed_role_session(params)
             self._static = None
             self.identity = params["assume_role_arn"]
-        self._clients = {}
         self._http = None
         self._signers = {}
 
     @property
     def config(self):
-        """botocore's Config for this connection's clients (``client_config``), made on first use."""
+        """botocore's Config (``client_config``) for STS and a proxied HTTP stack, made on first use."""
         if self._config is None:
             self._config = client_config(self._max_pool_connections, self._max_attempts, **self._overrides)
         return self._config
 
     @property
     def session(self):
-        """The botocore session behind the boto3 clients (and the credentials when they are not static keys)."""
+        """The botocore session behind STS and the credentials when they are not static keys."""
         if self._session is None:
             self._session = _session(*self._session_credentials)
         return self._session
@@ -294,17 +294,6 @@ class Connection:
             from botocore.exceptions import NoCredentialsError
             raise NoCredentialsError()
         return credentials.get_frozen_credentials()
-
-    def client(self, service):
-        """The boto3 client for ``service`` ('s3', 'sns', 'sts'), made on first use."""
-        if service not in self._clients:
-            try:
-                self._clients[service] = self.session.create_client(
-                    service, region_name=self.region_name, endpoint_url=self.endpoint_url, verify=self.verify,
-                    config=self.config)
-            except (BotoCoreError, ValueError) as exc:
-                raise PublisherError("cannot build an RGW %s client for %s: %s" % (service, self.endpoint_url, exc))
-        return self._clients[service]
 
     def _assumed_role_session(self, params):
         sts = self.session.create_client("sts", region_name=self.region_name, endpoint_url=self.endpoint_url,
@@ -387,12 +376,6 @@ def _session(access_key, secret_key, session_token):
     if access_key or secret_key or session_token:
         session.set_credentials(access_key, secret_key, session_token)
     return session
-
-
-def connect(params, service, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS, max_attempts=DEFAULT_MAX_ATTEMPTS,
-            **config_overrides):
-    """A boto3 client for ``service`` against RGW (see ``Connection``)."""
-    return Connection(params, max_pool_connections, max_attempts, **config_overrides).client(service)
 
 
 def client_error_from_http(response, operation):

@@ -189,10 +189,16 @@ class BucketObjects:
             return list(pool.map(head, keys))
 
     # -- small writes --------------------------------------------------------------------------------------------
+    @jittered_backoff(retries=4, delay=0.5)
+    def _put(self, key, body, content_type):
+        self.rgw.signed_request("PUT", self._url(key), "PutObject", body=body, content_type=content_type)
+
     def put(self, key, body, content_type="application/json"):
         """Write a small object (the uploader's report); TransferError when RGW refuses or cannot be reached."""
+        if not isinstance(body, bytes):
+            body = body.encode("utf-8")
         try:
-            self.rgw.client("s3").put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            self._put(key, body, content_type)
         except (BotoCoreError, ClientError) as exc:
             raise TransferError(describe_client_error(exc, "write s3://%s/%s" % (self.bucket, key)), key=key)
 
