@@ -3,8 +3,8 @@
 
     DEVSTACK_DIR=... DEVSTACK_PORT_BASE=... .venv/bin/python bench/provision.py [--repositories 100]
 
-1. One repository: ``provision_repository.yml`` a second time (keys, repository, queue, topic, notification all in
-   place): seconds and ``changed``. Goal: <= 2 s, changed=0.
+1. One repository: ``provision_repository.yml`` again, ``--repeat`` times (keys, repository, queue, topic,
+   notification all in place): the median seconds and ``changed``. Goal: <= 2 s, changed=0.
 2. A fleet: ``--repositories`` repositories (keys in Vault, buckets) provisioned by a first run of
    ``converge_repositories.yml``, then the same run again: seconds and ``changed``. Goal for 100: <= 60 s, changed=0.
    The playbook runs each step once for all the repositories (the modules' ``batch``), on the one host.
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +69,7 @@ def prepare(env, s3, short):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repositories", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of the one-repository re-provisioning")
     args = parser.parse_args()
     env, started_here = bench_sync.ensure_stack()
     s3 = bench_sync.s3_client(env)
@@ -77,11 +79,15 @@ def main():
         one = prepare(env, s3, tag + "one")
         extra = {"cvmfs_repository": one["repository"], "cvmfs_subject": one["subject"]}
         timed_playbook("provision_repository.yml", extra)
-        seconds, changed = timed_playbook("provision_repository.yml", extra)
+        runs = [timed_playbook("provision_repository.yml", extra) for _ in range(args.repeat)]
+        seconds, changed = statistics.median(run[0] for run in runs), sum(run[1] for run in runs)
         figures["one_repository"] = {"seconds": round(seconds, 2), "changed": changed,
+                                     "runs_s": [round(run[0], 2) for run in runs],
                                      "load_average": round(os.getloadavg()[0], 2), "goal": "<= 2 s, changed=0"}
-        log("one repository, nothing to change: %.2f s, changed=%d (goal <= 2 s, changed=0: %s); load average %.2f"
-            % (seconds, changed, "met" if seconds <= 2 and changed == 0 else "NOT met", os.getloadavg()[0]))
+        log("one repository, nothing to change: %.2f s (median of %d runs: %s), changed=%d in all (goal <= 2 s, "
+            "changed=0: %s); load average %.2f"
+            % (seconds, len(runs), ", ".join("%.2f" % run[0] for run in runs), changed,
+               "met" if seconds <= 2 and changed == 0 else "NOT met", os.getloadavg()[0]))
 
         with ThreadPoolExecutor(8) as pool:
             fleet = list(pool.map(lambda i: prepare(env, s3, "%sf%03d" % (tag, i)), range(args.repositories)))

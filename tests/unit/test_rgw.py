@@ -332,8 +332,8 @@ def attributes_answer(attributes):
 
 
 class Answer:
-    def __init__(self, status, content):
-        self.status_code, self.content = status, content.encode("utf-8")
+    def __init__(self, status, content, headers=None):
+        self.status_code, self.content, self.headers = status, content.encode("utf-8"), headers or {}
 
 
 class ScriptedRgw(client.Connection):
@@ -344,18 +344,18 @@ class ScriptedRgw(client.Connection):
         super().__init__(params())
         self.script, self.sent = [], []
 
-    def answer(self, operation, content, status=200):
-        self.script.append((operation, status, content))
+    def answer(self, operation, content, status=200, headers=None):
+        self.script.append((operation, status, content, headers))
 
     def signed_request(self, method, url, operation, stream=False, body=None, content_type=None, service="s3"):
         self.sent.append(dict(method=method, url=url, operation=operation, body=body, content_type=content_type,
                               service=service))
         assert self.script, "unexpected %s" % operation
-        expected, status, content = self.script.pop(0)
+        expected, status, content, headers = self.script.pop(0)
         assert operation == expected
         if status >= 300:
-            raise client.client_error_from_http(Answer(status, content), operation)
-        return Answer(status, content)
+            raise client.client_error_from_http(Answer(status, content, headers), operation)
+        return Answer(status, content, headers)
 
 
 @pytest.fixture
@@ -464,11 +464,50 @@ def test_other_400_is_not_blamed_on_credentials(rgw):
         topic.ensure_topic(rgw, topic_params(), check_mode=False)
 
 
-def test_a_transient_error_is_tried_again(rgw, monkeypatch):
-    monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
+def test_a_transient_error_is_tried_again(rgw):
     rgw.answer("ListTopics", error_answer("ServiceUnavailable"), 503)
     expect_lookup(rgw, REAL_ATTRIBUTES)
     assert topic.find_topic(rgw, "alice")[0] == ARN
+
+
+@pytest.mark.parametrize("operation, answer, said", [
+    ("ListTopics", "<html><body><p>Please log in</p></body></html>",
+     "RGW failed to list topics: MalformedAnswer: the answer is a <html> document, not RGW's <ListTopicsResponse>"),
+    ("ListTopics", "", "RGW failed to list topics: MalformedAnswer: the answer is not XML (no element found: line 1, "
+                       "column 0)"),
+    ("GetBucketNotificationConfiguration", "<html><p>Please log in</p></html>",
+     "RGW failed to read the notification configuration of bucket alice: MalformedAnswer: the answer is a <html> "
+     "document, not RGW's <NotificationConfiguration>"),
+])
+def test_an_answer_that_is_not_rgws_is_a_clear_error_not_an_empty_answer(rgw, operation, answer, said):
+    """A proxy's login page answered with HTTP 200 is not "no topics" or "no notifications"."""
+    rgw.answer(operation, answer)
+    with pytest.raises(PublisherError) as caught:
+        if operation == "ListTopics":
+            topic.ensure_topic(rgw, topic_params(), check_mode=False)
+        else:
+            notification.ensure_bucket_notification(rgw, notification_params(), check_mode=False)
+    assert caught.value.msg == said + " (HTTP 200)"
+
+
+def test_a_create_topic_answer_without_its_arn_is_an_error(rgw):
+    expect_lookup(rgw, None)
+    rgw.answer("CreateTopic", sns_answer("CreateTopic", "<Other/>"))
+    with pytest.raises(PublisherError, match=r"^RGW failed to create topic alice: MalformedAnswer: the answer names "
+                                             r"no TopicArn \(HTTP 200\)$"):
+        topic.ensure_topic(rgw, topic_params(), check_mode=False)
+
+
+@pytest.mark.parametrize("status, headers, said", [
+    (404, None, "RGW failed to list topics: 404: Not Found (HTTP 404)"),
+    (301, {"Location": "https://rgw.example.org/"}, "RGW failed to list topics: 301: Moved Permanently to "
+                                                    "https://rgw.example.org/ (HTTP 301)"),
+])
+def test_an_error_page_without_rgws_xml_is_named_by_its_http_reason(rgw, status, headers, said):
+    rgw.answer("ListTopics", "<html><body><h1>%d</h1></body></html>" % status, status, headers)
+    with pytest.raises(PublisherError) as caught:
+        topic.ensure_topic(rgw, topic_params(), check_mode=False)
+    assert caught.value.msg == said
 
 
 def test_an_answer_that_is_not_xml_is_a_clear_error(rgw):

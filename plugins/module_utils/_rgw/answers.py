@@ -3,7 +3,7 @@
 # Apache License 2.0
 """Reading RGW's XML answers where the collection sends its own requests (``_rgw/sns.py``,
 ``_rgw/notification.py``): elements found by their local name, whatever the namespace (RGW's S3 answers carry
-S3's, its SNS answers SNS's), and an answer that is not XML reported as a ClientError.
+S3's, its SNS answers SNS's), and an answer that is not the XML document expected reported as a ClientError.
 
 FOR INTERNAL COLLECTION USE ONLY. This file may change without notice.
 """
@@ -17,14 +17,23 @@ from xml.etree import ElementTree
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import ClientError
 
 
-def parse(content, operation):
-    """The root element of an answer to ``operation``. One that is not XML is a ClientError (code MalformedAnswer,
-    not retried) that the callers report as any other RGW failure: botocore raised a bare ResponseParserError."""
+def parse(content, operation, root_name):
+    """The root element, called ``root_name``, of a successful answer to ``operation``. Anything else (not XML,
+    or another document: a login page of a proxy in front of RGW) is a ClientError, code MalformedAnswer, not
+    retried, that the callers report as any other RGW failure: botocore raised a bare ResponseParserError."""
     try:
-        return ElementTree.fromstring(content)
+        root = ElementTree.fromstring(content)
     except ElementTree.ParseError as exc:
-        raise ClientError({"Error": {"Code": "MalformedAnswer", "Message": "the answer is not XML (%s)" % exc},
-                           "ResponseMetadata": {"HTTPStatusCode": 200}}, operation)
+        raise malformed(operation, "the answer is not XML (%s)" % exc)
+    if local_name(root.tag) != root_name:
+        raise malformed(operation, "the answer is a <%s> document, not RGW's <%s>" % (local_name(root.tag),
+                                                                                       root_name))
+    return root
+
+
+def malformed(operation, message):
+    return ClientError({"Error": {"Code": "MalformedAnswer", "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": 200}}, operation)
 
 
 def local_name(tag):

@@ -380,7 +380,8 @@ def _session(access_key, secret_key, session_token):
 
 def client_error_from_http(response, operation):
     """A ClientError from a raw XML error answer (S3's ``<Error>``, SNS's ``<ErrorResponse><Error>``, with or
-    without a namespace), so ``describe_client_error`` handles it like the others."""
+    without a namespace), so ``describe_client_error`` handles it like the others. An answer without RGW's XML (a
+    proxy's error page, a redirect) is described by its HTTP reason, and a redirect by where it points."""
     from xml.etree import ElementTree
     code, message = "", ""
     try:
@@ -389,5 +390,14 @@ def client_error_from_http(response, operation):
         message = root.findtext(".//{*}Message") or ""
     except ElementTree.ParseError:
         pass
+    if not code:
+        try:
+            from http.client import responses
+        except ImportError:  # pragma: no cover - Python 2 module machinery only
+            from httplib import responses  # noqa
+        message = responses.get(response.status_code, "")
+        location = response.headers.get("Location") if 300 <= response.status_code < 400 else None
+        if location:
+            message = "%s to %s" % (message, location) if message else "redirected to %s" % location
     return ClientError({"Error": {"Code": code or str(response.status_code), "Message": message},
                         "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, operation)

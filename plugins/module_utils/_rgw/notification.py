@@ -115,7 +115,7 @@ def parse_topic_configurations(content):
     ``TopicArn`` (the ``Topic`` element), ``Events``, and ``Filter.<section>.FilterRules`` for each section with
     rules (``FILTER_SECTIONS``)."""
     configurations = []
-    root = answers.parse(content, "GetBucketNotificationConfiguration")
+    root = answers.parse(content, "GetBucketNotificationConfiguration", "NotificationConfiguration")
     for element in answers.children(root, "TopicConfiguration"):
         config = {"Id": answers.text(element, "Id") or "", "TopicArn": answers.text(element, "Topic") or "",
                   "Events": [event.text or "" for event in answers.children(element, "Event")]}

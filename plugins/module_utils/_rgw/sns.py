@@ -26,11 +26,12 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
 
 API_VERSION = "2010-03-31"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"  # botocore's, for the query protocol
+RESULTS = frozenset(["ListTopics", "GetTopicAttributes", "CreateTopic"])  # the actions whose answer has a Result
 
 
 def form(action, fields):
-    """The query protocol's body: ``Action``, ``Version``, then the fields in order, each percent-encoded as
-    botocore encodes them (only ``-_.~`` left as they are)."""
+    """The query protocol's body: ``Action``, ``Version``, then the fields in order, percent-encoded (only ``-_.~``
+    left as they are). A space is ``%20``: botocore sent ``+``, which RGW 16.2 keeps as a ``+``."""
     pairs = [("Action", action), ("Version", API_VERSION)] + list(fields)
     return "&".join("%s=%s" % (quote(name, safe="-_.~"), quote(value, safe="-_.~"))
                     for name, value in pairs).encode("utf-8")
@@ -45,9 +46,15 @@ def attribute_fields(attributes):
 
 
 def _result(content, action):
-    """The ``<{action}Result>`` of an answer (``<{action}Response><{action}Result>``), or None."""
-    found = answers.children(answers.parse(content, action), action + "Result")
-    return found[0] if found else None
+    """The ``<{action}Result>`` of an answer (``<{action}Response><{action}Result>``); None for an action without
+    one (DeleteTopic)."""
+    root = answers.parse(content, action, action + "Response")
+    found = answers.children(root, action + "Result")
+    if found:
+        return found[0]
+    if action in RESULTS:
+        raise answers.malformed(action, "the answer has no <%sResult>" % action)
+    return None
 
 
 @jittered_backoff(retries=4, delay=0.5)
@@ -77,7 +84,10 @@ def get_topic_attributes(rgw, arn):
 
 def create_topic(rgw, name, attributes):
     """CreateTopic (RGW overwrites a topic of that name with these ``attributes``): the topic's ARN."""
-    return answers.text(call(rgw, "CreateTopic", [("Name", name)] + attribute_fields(attributes)), "TopicArn") or ""
+    arn = answers.text(call(rgw, "CreateTopic", [("Name", name)] + attribute_fields(attributes)), "TopicArn")
+    if not arn:
+        raise answers.malformed("CreateTopic", "the answer names no TopicArn")
+    return arn
 
 
 def delete_topic(rgw, arn):
