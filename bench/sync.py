@@ -81,16 +81,17 @@ def fill_bucket(s3, bucket, count, size, name="obj", salt=b""):
 class Repository:
     """A stand-in repository for a bucket, with its own state and staging folders."""
 
-    def __init__(self, env, short, workdir):
-        self.env, self.short, self.fqrn = env, short, "%s.bench.org" % short
-        keys = Path(workdir) / ("keys-" + short)
+    def __init__(self, env, short, workdir, name=None):
+        name = name or short
+        self.env, self.short, self.fqrn = env, short, "%s.bench.org" % name
+        keys = Path(workdir) / ("keys-" + name)
         keys.mkdir(parents=True)
         for suffix in ("crt", "pub", "gw"):
             (keys / ("%s.%s" % (self.fqrn, suffix))).write_text("stand-in key\n")
         subprocess.run([env["CVMFS_SERVER_BIN"], "mkfs", "-w", "%s/%s" % (env["CVMFS_STRATUM0_URL"], self.fqrn),
                         "-u", "gw,/tmp/txn,%s" % env["CVMFS_GATEWAY_URL"], "-k", str(keys), "-o", "root",
                         self.fqrn], check=True, stdout=subprocess.DEVNULL)
-        self.state_dir = str(Path(workdir) / ("state-" + short))
+        self.state_dir = str(Path(workdir) / ("state-" + name))
 
     def params(self, concurrency, **extra):
         params = dict(repository=self.fqrn, bucket=self.short, prefix=PREFIX, mode="full", keys=[],
@@ -193,37 +194,53 @@ def aws_sync(env, bucket, dest, concurrency, workdir):
 # Scenarios
 
 
-def full_copy(env, s3, workdir, short, count, size, concurrency, figures, label, into=None):
-    """A first sync of a full bucket against ``rclone copy`` and ``aws s3 sync`` of it. ``into``: a folder for our
-    staging and their destinations (default: our staging under the stand-in's root, theirs in ``workdir``)."""
+def full_copy(env, s3, workdir, short, count, size, concurrency, figures, label, into=None, rounds=3):
+    """A first sync of a full bucket against ``rclone copy`` (and once ``aws s3 sync``) of it, in ``rounds``
+    interleaved rounds, each into a new repository and new folders; each figure is the median of its rounds (this
+    machine's cost of creating a file moves 2-3x within minutes). ``into``: a folder for our staging and their
+    destinations (default: our staging under the stand-in's root, theirs in ``workdir``). Returns the first
+    round's repository."""
     s3.create_bucket(Bucket=short)
     start = time.monotonic()
     fill_bucket(s3, short, count, size)
     log("[%s] uploaded %d x %d bytes in %.1f s" % (label, count, size, time.monotonic() - start))
     quiet = wait_for_quiet()  # the uploads load RGW for a while after the last PUT: not on whoever runs first
-    repo = Repository(env, short, workdir)
-    extra = {"staging_dir": tempfile.mkdtemp(dir=into)} if into else {}
-    ours, result, rss = repo.sync(concurrency, **extra)
-    assert result["added"] == count, result  # a correctness check, not a timing one
+    runs = {"ours": [], "ours_without_transaction": [], "rclone": []}
+    repos = []
+    for number in range(rounds):
+        repo = Repository(env, short, workdir, name="%s-r%d" % (short, number))
+        repos.append(repo)
+        extra = {"staging_dir": tempfile.mkdtemp(dir=into)} if into else {}
+        ours, result, rss = repo.sync(concurrency, **extra)
+        assert result["added"] == count, result  # a correctness check, not a timing one
+        runs["ours"].append(ours)
+        # Without the transaction phase (the stand-in's publish hashes and stores every file): what rclone does.
+        runs["ours_without_transaction"].append(ours - result["durations"]["transaction"])
+        runs["rclone"].append(rclone(env, "copy", short, tempfile.mkdtemp(dir=into or workdir), concurrency))
+    ours, without, rclone_s = (statistics.median(runs[name]) for name in ("ours", "ours_without_transaction",
+                                                                           "rclone"))
     row = {"ours_s": round(ours, 2), "waited_for_quiet_s": quiet, "ours_plan_s": result["durations"]["plan"],
            "ours_download_s": result["durations"]["download"],
-           "ours_transaction_s": result["durations"]["transaction"], "ours_rss_mb": rss, "into": into or "disk"}
-    row["rclone_copy_s"] = round(rclone(env, "copy", short, tempfile.mkdtemp(dir=into or workdir), concurrency), 2)
-    row["ratio_vs_rclone"] = round(ours / row["rclone_copy_s"], 2)
+           "ours_transaction_s": result["durations"]["transaction"], "ours_rss_mb": rss, "into": into or "disk",
+           "rounds": rounds, "runs_s": {name: [round(value, 2) for value in values] for name, values in runs.items()},
+           "rclone_copy_s": round(rclone_s, 2), "ratio_vs_rclone": round(ours / rclone_s, 2),
+           "ratio_without_transaction_vs_rclone": round(without / rclone_s, 2),
+           "load_average": round(os.getloadavg()[0], 2)}
     if aws_cli():
         row["aws_s3_sync_s"] = round(aws_sync(env, short, tempfile.mkdtemp(dir=into or workdir), concurrency,
                                               workdir), 2)
         row["ratio_vs_aws"] = round(ours / row["aws_s3_sync_s"], 2)
-    # Without the transaction phase (the stand-in's publish hashes and stores every file): what rclone does.
-    row["ratio_without_transaction_vs_rclone"] = round((ours - row["ours_transaction_s"]) / row["rclone_copy_s"], 2)
-    log("[%s] ours %.2f s (list+plan %.2f, download %.2f, transaction %.2f), rclone copy %.2f s, aws s3 sync %s s"
-        " -> %.2fx rclone, %.2fx without the transaction (goal <= 1.0: %s)%s"
-        % (label, ours, row["ours_plan_s"], row["ours_download_s"], row["ours_transaction_s"], row["rclone_copy_s"],
-           row.get("aws_s3_sync_s", "n/a"), row["ratio_vs_rclone"], row["ratio_without_transaction_vs_rclone"],
+    log("[%s] medians of %d interleaved rounds: ours %.2f s (last round: list+plan %.2f, download %.2f, transaction "
+        "%.2f), rclone copy %.2f s, aws s3 sync %s s (once) -> %.2fx rclone, %.2fx without the transaction (goal <= "
+        "1.0: %s); rounds without the transaction %s, rclone %s; load average %.2f%s"
+        % (label, rounds, ours, row["ours_plan_s"], row["ours_download_s"], row["ours_transaction_s"],
+           row["rclone_copy_s"], row.get("aws_s3_sync_s", "n/a"), row["ratio_vs_rclone"],
+           row["ratio_without_transaction_vs_rclone"],
            "met" if row["ratio_without_transaction_vs_rclone"] <= 1.0 else "NOT met",
+           row["runs_s"]["ours_without_transaction"], row["runs_s"]["rclone"], row["load_average"],
            ", staging and destinations in %s" % into if into else ""))
     figures[label] = row
-    return repo
+    return repos[0]
 
 
 def no_change(env, repo, workdir, concurrency, figures, rounds=5):

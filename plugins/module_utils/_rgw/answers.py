@@ -25,9 +25,9 @@ def parse(content, operation, root_name):
         root = ElementTree.fromstring(content)
     except ElementTree.ParseError as exc:
         raise malformed(operation, "the answer is not XML (%s)" % exc)
-    if local_name(root.tag) != root_name:
-        raise malformed(operation, "the answer is a <%s> document, not RGW's <%s>" % (local_name(root.tag),
-                                                                                       root_name))
+    found = local_name(root.tag)
+    if found != root_name:
+        raise malformed(operation, "the answer is a <%s> document, not RGW's <%s>" % (found, root_name))
     return root
 
 
