@@ -32,7 +32,10 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
     environ_proxies,
     is_retryable,
 )
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import BucketObjects
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.objects import (
+    BucketObjects,
+    TransferError,
+)
 
 NOW = datetime.datetime(2026, 12, 3, 17, 5, 9)
 
@@ -367,3 +370,35 @@ def test_an_endpoint_that_is_not_an_http_url_is_named_as_such(endpoint, tmp_path
         Connection(params(endpoint, tmp_path)).signed_request("GET", endpoint + "/b/k", "GetObject")
     assert caught.value.msg == ("cannot send requests to RGW: endpoint_url %s is not an http:// or https:// URL"
                                 % endpoint)
+
+
+def test_head_makes_the_connection_once_for_all_its_threads(server, tmp_path, monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    made = []
+
+    def connect():
+        time.sleep(0.05)  # a slow start-up: threads that each made a Connection would all get here
+        made.append(Connection(params(server.url, tmp_path)))
+        return made[-1]
+
+    objects = BucketObjects("b", connect=connect, concurrency=16)
+    observations = objects.head(["cvmfs/k%02d" % i for i in range(40)], concurrency=16)
+    assert [obs.size for obs in observations] == [5000] * 40
+    assert len(made) == 1
+
+
+def test_a_staging_file_that_cannot_be_made_fails_the_object_and_gives_the_connection_up(server, tmp_path,
+                                                                                            monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    rgw = Connection(params(server.url, tmp_path))
+    objects = BucketObjects("b", connect=lambda: rgw)
+    change = SimpleNamespace(key="cvmfs/k", etag=None, size=None)
+    with pytest.raises(TransferError) as caught:
+        objects.download(change, str(tmp_path / "no-such-folder"))
+    assert caught.value.msg == ("download s3://b/cvmfs/k: cannot create a file in %s: No such file or directory"
+                                % (tmp_path / "no-such-folder"))
+    assert rgw._http_session()._idle == [], "the connection of an answer left unread is closed, not pooled"
+    objects.download(change, str(tmp_path))  # and the next download works
+    assert change.size == 5000

@@ -185,6 +185,8 @@ class BucketObjects:
             return sp.Observation(key, reply.get("ETag"), int(reply.get("Content-Length") or 0))
 
         keys = list(keys)
+        if keys and self._rgw is None:
+            self._rgw = self._connect()  # once, here: not by the threads, racing to make it
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys) or 1))) as pool:
             return list(pool.map(head, keys))
 
@@ -220,7 +222,12 @@ class BucketObjects:
             raise TransferError(describe_client_error(exc, action), key=change.key)
         except BotoCoreError as exc:
             raise TransferError(describe_client_error(exc, action), key=change.key)
-        fd, path = tempfile.mkstemp(dir=folder, prefix="obj-")
+        try:
+            fd, path = tempfile.mkstemp(dir=folder, prefix="obj-")
+        except OSError as exc:
+            response.raw.close()
+            raise TransferError("%s: cannot create a file in %s: %s" % (action, folder, exc.strerror or exc),
+                                key=change.key)
         digest = hashlib.md5()
         size = 0
         try:
