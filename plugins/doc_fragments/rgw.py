@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to infn_cloud.cvmfs_publisher
 # Apache License 2.0
-"""Connection options of every module that talks to Ceph RGW (S3 and SNS APIs through boto3)."""
+"""Connection options of every module that talks to Ceph RGW (its S3 and SNS APIs, requests signed as botocore signs
+them)."""
 
 from __future__ import absolute_import, division, print_function
 
@@ -23,7 +24,7 @@ options:
   access_key:
     description:
       - S3 access key of the RGW user.
-      - Mutually exclusive with O(access_key_file). When neither is set, boto3's usual credential chain is used
+      - Mutually exclusive with O(access_key_file). When neither is set, botocore's usual credential chain is used
         (E(AWS_ACCESS_KEY_ID), C(~/.aws/credentials), ...).
     type: str
   access_key_file:
@@ -68,9 +69,12 @@ options:
     type: str
     default: cvmfs-publisher
 requirements:
-  - boto3 >= 1.36 and botocore (on the managed host)
+  - botocore >= 1.36 (on the managed host; boto3 >= 1.36 installs it)
 notes:
   - Connection options can be set once for all modules with C(module_defaults) and the action group
     C(group/infn_cloud.cvmfs_publisher.rgw).
-  - Requests are retried (botocore standard mode) on throttling, 5xx answers and connection errors.
+  - Requests are signed with SigV4 as botocore signs them and sent by the collection; through a proxy
+    (C(HTTPS_PROXY), C(HTTP_PROXY)) they go through botocore's HTTP stack.
+  - Requests are tried up to 5 times, with a jittered exponential backoff, on throttling, 5xx answers and
+    connection errors. STS AssumeRole uses botocore's STS client and its standard retries.
 """
