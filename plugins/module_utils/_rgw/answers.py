@@ -46,6 +46,6 @@ def children(element, name):
 
 
 def text(element, name):
-    """The text of the first child called ``name``: '' when it is empty, None when there is none."""
+    """The text of the first child called ``name`` ('' when it is empty or there is none)."""
     found = children(element, name)
-    return (found[0].text or "") if found else None
+    return (found[0].text or "") if found else ""

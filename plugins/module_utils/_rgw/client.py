@@ -135,8 +135,7 @@ def is_retryable(exc, extra_codes=()):
 
 def jittered_backoff(retries=5, delay=1.0, max_delay=30.0, catch_extra_error_codes=(), sleep=time.sleep):
     """Decorator (AWSRetry.jittered_backoff style): retry on ``is_retryable`` errors with full-jitter backoff.
-
-    botocore's own retries already cover single calls; this is for sequences that need more patience, such as a
+    ``retried_request`` is the policy of one signed request; other sequences may need more patience, such as a
     bucket that was just created elsewhere (``catch_extra_error_codes=['NoSuchBucket']``).
     """
     def decorator(func):
@@ -146,6 +145,11 @@ def jittered_backoff(retries=5, delay=1.0, max_delay=30.0, catch_extra_error_cod
                                 retries, delay, max_delay, sleep)
         return wrapper
     return decorator
+
+
+# The retries of one signed request (a listing page, HeadObject, GetObject, the modules' calls): 5 tries in all,
+# the waits between them at most 0.5, 1, 2 and 4 s.
+retried_request = jittered_backoff(retries=4, delay=0.5)
 
 
 def _lacking(exc, identity):
@@ -391,11 +395,7 @@ def client_error_from_http(response, operation):
     except ElementTree.ParseError:
         pass
     if not code:
-        try:
-            from http.client import responses
-        except ImportError:  # pragma: no cover - Python 2 module machinery only
-            from httplib import responses  # noqa
-        message = responses.get(response.status_code, "")
+        message = transport.httplib.responses.get(response.status_code, "")
         location = response.headers.get("Location") if 300 <= response.status_code < 400 else None
         if location:
             message = "%s to %s" % (message, location) if message else "redirected to %s" % location

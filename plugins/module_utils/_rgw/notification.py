@@ -24,7 +24,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
     BotoCoreError,
     ClientError,
     error_code,
-    jittered_backoff,
+    retried_request,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,11 +117,11 @@ def parse_topic_configurations(content):
     configurations = []
     root = answers.parse(content, "GetBucketNotificationConfiguration", "NotificationConfiguration")
     for element in answers.children(root, "TopicConfiguration"):
-        config = {"Id": answers.text(element, "Id") or "", "TopicArn": answers.text(element, "Topic") or "",
+        config = {"Id": answers.text(element, "Id"), "TopicArn": answers.text(element, "Topic"),
                   "Events": [event.text or "" for event in answers.children(element, "Event")]}
         for filter_element in answers.children(element, "Filter"):
             for xml_name, name in FILTER_SECTIONS:
-                rules = [{"Name": answers.text(rule, "Name") or "", "Value": answers.text(rule, "Value") or ""}
+                rules = [{"Name": answers.text(rule, "Name"), "Value": answers.text(rule, "Value")}
                          for section in answers.children(filter_element, xml_name)
                          for rule in answers.children(section, "FilterRule")]
                 if rules:
@@ -152,7 +152,7 @@ def notification_configuration_xml(topic_configurations):
     return ElementTree.tostring(root, encoding="utf-8")
 
 
-@jittered_backoff(retries=4, delay=0.5)
+@retried_request
 def _get_configuration(rgw, bucket):
     return rgw.signed_request("GET", bucket_url(rgw, bucket, "notification"),
                               "GetBucketNotificationConfiguration").content
@@ -174,7 +174,7 @@ def get_topic_configurations(rgw, bucket, missing_ok=False):
         raise rgw.failure(exc, action)
 
 
-@jittered_backoff(retries=4, delay=0.5)
+@retried_request
 def _put_configuration(rgw, bucket, body):
     rgw.signed_request("PUT", bucket_url(rgw, bucket, "notification"), "PutBucketNotificationConfiguration",
                        body=body)

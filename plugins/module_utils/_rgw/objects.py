@@ -42,7 +42,7 @@ from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.cl
     describe_client_error,
     error_code,
     error_status,
-    jittered_backoff,
+    retried_request,
 )
 
 CHUNK_BYTES = 1 << 20
@@ -92,7 +92,7 @@ class BucketObjects:
         return url
 
     # -- listing ---------------------------------------------------------------------------------------------------
-    @jittered_backoff(retries=4, delay=0.5)
+    @retried_request
     def _list_page(self, prefix, token, delimiter=None):
         """One ListObjectsV2 answer, as bytes."""
         query = {"list-type": "2", "prefix": prefix, "encoding-type": "url", "max-keys": "1000"}
@@ -164,7 +164,7 @@ class BucketObjects:
                 yield from observations
 
     # -- HeadObject ------------------------------------------------------------------------------------------------
-    @jittered_backoff(retries=4, delay=0.5)
+    @retried_request
     def _head(self, key):
         return self.rgw.signed_request("HEAD", self._url(key), "HeadObject").headers
 
@@ -191,7 +191,7 @@ class BucketObjects:
             return list(pool.map(head, keys))
 
     # -- small writes --------------------------------------------------------------------------------------------
-    @jittered_backoff(retries=4, delay=0.5)
+    @retried_request
     def _put(self, key, body, content_type):
         self.rgw.signed_request("PUT", self._url(key), "PutObject", body=body, content_type=content_type)
 
@@ -205,7 +205,7 @@ class BucketObjects:
             raise TransferError(describe_client_error(exc, "write s3://%s/%s" % (self.bucket, key)), key=key)
 
     # -- download --------------------------------------------------------------------------------------------------
-    @jittered_backoff(retries=4, delay=0.5)
+    @retried_request
     def _get(self, key):
         return self.rgw.signed_request("GET", self._url(key), "GetObject", stream=True)
 

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - Python 2 module machinery only
     from urllib import quote  # noqa
 
 from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw import answers
-from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import jittered_backoff
+from ansible_collections.infn_cloud.cvmfs_publisher.plugins.module_utils._rgw.client import retried_request
 
 API_VERSION = "2010-03-31"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"  # botocore's, for the query protocol
@@ -57,7 +57,7 @@ def _result(content, action):
     return None
 
 
-@jittered_backoff(retries=4, delay=0.5)
+@retried_request
 def call(rgw, action, fields=()):
     """POST one action to the endpoint; the ``<{action}Result>`` of its answer. Errors are ClientErrors named
     ``action`` (what ``client.OPERATION_RIGHTS`` knows them by)."""
@@ -71,7 +71,7 @@ def list_topics(rgw, next_token=None):
     result = call(rgw, "ListTopics", [("NextToken", next_token)] if next_token else [])
     members = [member for topics in answers.children(result, "Topics")
                for member in answers.children(topics, "member")]
-    return [answers.text(member, "TopicArn") or "" for member in members], answers.text(result, "NextToken") or None
+    return [answers.text(member, "TopicArn") for member in members], answers.text(result, "NextToken") or None
 
 
 def get_topic_attributes(rgw, arn):
@@ -79,7 +79,7 @@ def get_topic_attributes(rgw, arn):
     result = call(rgw, "GetTopicAttributes", [("TopicArn", arn)])
     entries = [entry for attributes in answers.children(result, "Attributes")
                for entry in answers.children(attributes, "entry")]
-    return dict((answers.text(entry, "key") or "", answers.text(entry, "value") or "") for entry in entries)
+    return dict((answers.text(entry, "key"), answers.text(entry, "value")) for entry in entries)
 
 
 def create_topic(rgw, name, attributes):
